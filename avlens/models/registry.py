@@ -1,0 +1,54 @@
+"""The registry of model adapters: one entry per family, found by name or by a checkpoint's model_type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelNotFoundError
+from .base import Adapter
+
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make an adapter available under its ``family`` name."""
+    ADAPTERS[cls.family] = cls
+    return cls
+
+
+def adapter_for(model_type: str) -> type[Adapter]:
+    """The adapter class for a config's ``model_type``."""
+    for cls in ADAPTERS.values():
+        if model_type in cls.model_types:
+            return cls
+    known = ", ".join(t for c in ADAPTERS.values() for t in c.model_types)
+    raise ModelNotFoundError(f"no avlens adapter for model type '{model_type}' (supported: {known})")
+
+
+def load(name: str | Path, *, family: str | None = None, **kwargs: Any) -> Adapter:
+    """Load a model by local path or hub id (or ``"organism"`` for the bundled model organism).
+
+    Args:
+        name: a checkpoint directory, a hub id, or ``organism`` / ``organism:<checkpoint>``.
+        family: force an adapter family instead of reading the config's model_type.
+        **kwargs: passed to the adapter's ``load`` (dtype, device_map, trust_remote_code).
+    """
+    name = str(name)
+    if name == "organism" or name.startswith("organism:"):
+        from ..organism.checkpoints import checkpoint_path
+
+        name = str(checkpoint_path(name.partition(":")[2] or None))
+    if family is not None:
+        if family not in ADAPTERS:
+            raise ModelNotFoundError(f"unknown model family '{family}' (known: {', '.join(ADAPTERS)})")
+        return ADAPTERS[family].load(name, **kwargs)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=kwargs.get("trust_remote_code", False))
+    except (OSError, ValueError) as e:
+        from .qwen import _not_found
+
+        raise ModelNotFoundError(_not_found(name, e)) from e
+    return adapter_for(config.model_type).load(name, **kwargs)

@@ -1,0 +1,563 @@
+"""The intervention engine: forwards and generation with interventions given as data.
+
+How it runs a forward. The adapter runs the model's own forward up to the text decoder (encoders, feature
+merging, multimodal position ids) and hands over what the decoder would receive. The engine then calls the
+model's decoder layers itself, one by one, with the model's rotary embedding, KV cache (transformers'
+DynamicCache) and final norm; attention goes through avlens's registered attention function, which reads
+the current run (masks from absolute positions, knockouts, steering, attention-mass capture). Residual-stream
+interventions (patching, discarding, capture) happen between layers.
+
+How conditions share work. An intervention that first acts at layer l on positions >= p leaves every layer
+< l and every position < p exactly as in the baseline. So :func:`run_conditions` runs the baseline once, keeps
+its residual at the layers where conditions start and its keys/values, and runs each condition only on
+positions >= p through layers >= l, with the baseline's keys/values of positions < p as a cache prefix.
+Conditions with the same p run as one batch. A knockout from the last position costs about one decoding step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import DynamicCache
+
+from ..layout import TokenLayout
+from ..models.base import Adapter, Embedded, Inputs
+from .attention import ACTIVE, BACKENDS, probabilities
+from .interventions import Capture, Discard, Intervention, Knockout, Patch, Positions, Steer
+
+LogitsAt = Literal["last", "all"]
+
+
+@dataclass
+class Trace:
+    """The result of one condition on a batch.
+
+    Attributes:
+        logits: (B, V) at the last prompt position, or (B, L, V) with ``logits="all"``.
+        captures: capture name -> layer -> result (see :class:`Capture` for shapes).
+        layout: the batch's token layout (extended with ``generated`` after generation).
+        tokens: (B, T) generated ids (generation only; padded with -1 after a row stops).
+        text: decoded answers (generation only).
+        step_logits: (B, T, V) logits that produced each generated token (generation only).
+    """
+
+    logits: torch.Tensor
+    captures: dict[str, dict[int, Any]] = field(default_factory=dict)
+    layout: TokenLayout | None = None
+    tokens: torch.Tensor | None = None
+    text: list[str] | None = None
+    step_logits: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------------------
+def run(
+    adapter: Adapter,
+    inputs: Inputs,
+    interventions: Sequence[Intervention] = (),
+    *,
+    capture: Sequence[Capture] = (),
+    logits: LogitsAt = "last",
+    attn: str = "sdpa",
+) -> Trace:
+    """One forward over the batch with the interventions applied from the first layer and position.
+
+    Args:
+        adapter: the model.
+        inputs: a batch from ``adapter.prepare``.
+        interventions: Knockout, Patch, Steer, Discard objects.
+        capture: what to record.
+        logits: "last" for (B, V) at the last prompt position, "all" for (B, L, V).
+        attn: "sdpa" (default) or "eager" (explicit softmax).
+    """
+    emb = adapter.embed(inputs)
+    rows = torch.arange(inputs.batch_size)
+    fwd = _Forward(adapter, emb, inputs.layout, rows, [list(interventions)] * len(rows), capture, attn, logits)
+    fwd.prefill(0, 0, None)
+    return fwd.trace(slice(None))
+
+
+def run_conditions(
+    adapter: Adapter,
+    inputs: Inputs,
+    conditions: Mapping[str, Sequence[Intervention]],
+    *,
+    capture: Sequence[Capture] = (),
+    logits: LogitsAt = "last",
+    attn: str = "sdpa",
+    incremental: bool = True,
+    max_rows: int = 64,
+) -> dict[str, Trace]:
+    """Run several conditions on the same batch, sharing the baseline's work.
+
+    Args:
+        conditions: name -> interventions (an empty list is the baseline).
+        incremental: reuse the baseline below each condition's first acting layer/position (default); False
+            recomputes every condition from scratch (the reference the incremental path is tested against).
+        max_rows: most rows (samples x conditions) run as one batch.
+
+    Returns:
+        name -> Trace, in the order given.
+    """
+    emb = adapter.embed(inputs)
+    layout, n, b = inputs.layout, adapter.n_layers, inputs.batch_size
+    starts = {name: start_of(ivs, layout, n) for name, ivs in conditions.items()}
+    acting = {name: s for name, s in starts.items() if s is not None}
+    base = _Forward(adapter, emb, layout, torch.arange(b), [[]] * b, capture, attn, logits)
+    base.keep_inputs = {s[0] for s in acting.values()} if incremental else set()
+    base.prefill(0, 0, None)
+    out = {name: base.trace(slice(None)) for name, s in starts.items() if s is None}
+    per_batch = max(1, max_rows // b)
+    order = sorted(acting, key=lambda k: (acting[k][1], acting[k][0])) if incremental else list(acting)
+    groups: list[list[str]] = []
+    for name in order:
+        same_p = groups and (not incremental or acting[groups[-1][0]][1] == acting[name][1])
+        if same_p and len(groups[-1]) < per_batch:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    for names in groups:
+        rows = torch.arange(b).repeat(len(names))
+        ivs = [list(conditions[name]) for name in names for _ in range(b)]
+        fwd = _Forward(adapter, emb, layout, rows, ivs, capture, attn, logits)
+        if incremental:
+            fwd.prefill(min(acting[k][0] for k in names), acting[names[0]][1], base)
+        else:
+            fwd.prefill(0, 0, None)
+        for j, name in enumerate(names):
+            out[name] = fwd.trace(slice(j * b, (j + 1) * b))
+    return {name: out[name] for name in conditions}
+
+
+@torch.no_grad()
+def generate(
+    adapter: Adapter,
+    inputs: Inputs,
+    interventions: Sequence[Intervention] = (),
+    *,
+    max_new_tokens: int = 32,
+    capture: Sequence[Capture] = (),
+    attn: str = "sdpa",
+) -> Trace:
+    """Greedy generation with the interventions applied in the prefill and at every decoding step.
+
+    The new tokens form the ``generated`` group of the layout; a knockout or steer whose query group includes
+    it acts on them. Rows stop at the model's end-of-turn tokens.
+    """
+    emb = adapter.embed(inputs)
+    layout = inputs.layout.extend(max_new_tokens)
+    b = inputs.batch_size
+    fwd = _Forward(adapter, emb, layout, torch.arange(b), [list(interventions)] * b, capture, attn, "last")
+    fwd.prefill(0, 0, None)
+    eos = torch.tensor(adapter.eos_ids)
+    tokens = torch.full((b, max_new_tokens), -1, dtype=torch.long)
+    step_logits = []
+    done = torch.zeros(b, dtype=torch.bool)
+    logits = fwd.last_logits
+    for t in range(max_new_tokens):
+        step_logits.append(logits)
+        nxt = logits.argmax(-1)
+        tokens[:, t] = torch.where(done, -1, nxt)
+        done |= torch.isin(nxt, eos)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        logits = fwd.step(nxt)
+    n_gen = int((tokens >= 0).any(0).sum())
+    trace = fwd.trace(slice(None))
+    trace.logits = step_logits[0]
+    trace.tokens = tokens[:, :n_gen]
+    trace.step_logits = torch.stack(step_logits[:n_gen], 1)
+    trace.text = [
+        adapter.decode([i for i in row.tolist() if i >= 0 and i not in adapter.eos_ids]) for row in trace.tokens
+    ]
+    return trace
+
+
+def start_of(interventions: Sequence[Intervention], layout: TokenLayout, n_layers: int) -> tuple[int, int] | None:
+    """(first layer, first position) at which any of the interventions can change something, or None.
+
+    Raises:
+        UnknownGroupError: a group the layout lacks. ValueError: a layer out of range.
+    """
+    starts = [s for s in (_start(iv, layout, n_layers) for iv in interventions) if s is not None]
+    if not starts:
+        return None
+    return min(s[0] for s in starts), min(s[1] for s in starts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where interventions act
+# ---------------------------------------------------------------------------------------------------------
+def _check_layers(layers: Sequence[int], n_layers: int, what: str, upto: int) -> None:
+    bad = [i for i in layers if not 0 <= i < upto]
+    if bad:
+        raise ValueError(f"{what}: layer(s) {bad} out of range (the model has {n_layers} decoder layers)")
+
+
+def _positions_mask(at: Positions, layout: TokenLayout) -> torch.Tensor:
+    if isinstance(at, str):
+        return layout.mask(at)
+    mask = torch.zeros_like(layout.valid)
+    mask[:, list(at)] = True
+    return mask & layout.valid
+
+
+def _first(mask: torch.Tensor) -> int | None:
+    cols = mask.any(0).nonzero()
+    return int(cols[0]) if len(cols) else None
+
+
+def _start(iv: Intervention, layout: TokenLayout, n: int) -> tuple[int, int] | None:
+    if isinstance(iv, Knockout | Steer):
+        layers, q, k = iv.layers, layout.mask(iv.query), layout.mask(iv.key)
+        _check_layers(layers, n, type(iv).__name__, n)
+        # Only queries that can see a key of the group (causally; a knockout never blocks the diagonal).
+        seen = (k & layout.valid).long().cumsum(1)
+        if isinstance(iv, Knockout):
+            seen = seen - k.long()
+        p = _first(q & (seen > 0))
+        return None if p is None or not layers else (layers[0], p)
+    if isinstance(iv, Patch):
+        _check_layers(iv.layers, n, "Patch", n + 1)
+        p = _first(_positions_mask(iv.at, layout))
+        return None if p is None or not iv.layers else (iv.layers[0], p)
+    if isinstance(iv, Discard):
+        if iv.from_layer >= n:
+            return None
+        _check_layers([iv.from_layer], n, "Discard", n)
+        p = _first(layout.mask(iv.group))
+        return None if p is None else (iv.from_layer, p)
+    raise TypeError(f"not an intervention: {iv!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One forward over a set of rows (samples x conditions)
+# ---------------------------------------------------------------------------------------------------------
+def _gather(mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """mask (R, L, ...) at positions pos (R, N) (-1 = padding slot) -> (R, N, ...), False/0 at padding."""
+    idx = pos.clamp(min=0)
+    if mask.dim() == 2:
+        return mask.gather(1, idx) & (pos >= 0) if mask.dtype == torch.bool else mask.gather(1, idx) * (pos >= 0)
+    out = mask.gather(1, idx[..., None].expand(-1, -1, mask.shape[-1]))
+    return out * (pos >= 0)[..., None]
+
+
+class _Forward:
+    """State of one forward (and its decoding steps) over R rows; each row is (sample, condition)."""
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        emb: Embedded,
+        layout: TokenLayout,
+        rows: torch.Tensor,
+        interventions: list[list[Intervention]],
+        capture: Sequence[Capture],
+        attn: str,
+        logits: LogitsAt,
+    ) -> None:
+        if attn not in BACKENDS:
+            raise ValueError(f"attn must be one of {list(BACKENDS)}, not {attn!r}")
+        self.adapter, self.emb, self.rows = adapter, emb, rows
+        self.layout = layout.select(rows)
+        self.n = adapter.n_layers
+        self.backend = BACKENDS[attn]
+        self.logits_at = logits
+        self.capture = list(capture)
+        self.keep_inputs: set[int] = set()
+        self.inputs_kept: dict[int, torch.Tensor] = {}
+        self._compile(interventions)
+        self.residual: dict[int, torch.Tensor] = {}
+        self.mass: dict[str, dict[int, torch.Tensor]] = {}
+        self.logits: torch.Tensor | None = None
+        self.last_logits: torch.Tensor | None = None
+
+    # -- compilation of the rows' interventions into per-layer masks ------------------------------------------
+    def _compile(self, interventions: list[list[Intervention]]) -> None:
+        r, length, n = len(self.rows), self.layout.length, self.n
+        lay = self.layout
+        # The same intervention object usually serves every row of a condition: compile it once for its rows.
+        rows_of: dict[int, tuple[Intervention, torch.Tensor]] = {}
+        for row, ivs in enumerate(interventions):
+            for iv in ivs:
+                if id(iv) not in rows_of:
+                    rows_of[id(iv)] = (iv, torch.zeros(r, 1, dtype=torch.bool))
+                rows_of[id(iv)][1][row] = True
+        self.knock: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.steer: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]]] = {}
+        self.patch: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.discard: dict[int, torch.Tensor] = {}
+        for iv, on in rows_of.values():
+            _start(iv, lay, n)  # validates group names and layers
+            if isinstance(iv, Knockout):
+                q, k = lay.mask(iv.query) & on, lay.mask(iv.key) & on
+                for i in iv.layers:
+                    self.knock.setdefault(i, []).append((q, k))
+            elif isinstance(iv, Steer):
+                q, k = lay.mask(iv.query) & on, lay.mask(iv.key) & on
+                heads = torch.zeros(self.adapter.n_heads, dtype=torch.bool)
+                heads[list(iv.heads) if iv.heads is not None else slice(None)] = True
+                for i in iv.layers:
+                    self.steer.setdefault(i, []).append((q, k, heads, iv.alpha, iv.mode))
+            elif isinstance(iv, Patch):
+                where = _positions_mask(iv.at, lay) & on
+                for i in iv.layers:
+                    src = iv.source[i]
+                    src = src[self.rows] if src.dim() == 3 else src.expand(r, -1, -1)
+                    if src.shape[1] < length:  # generation: the prompt part only
+                        src = torch.cat([src, src.new_zeros(r, length - src.shape[1], src.shape[2])], 1)
+                    self.patch.setdefault(i, []).append((where, src))
+            elif isinstance(iv, Discard) and iv.from_layer < n:
+                drop = lay.mask(iv.group) & on
+                self.discard[iv.from_layer] = self.discard.get(iv.from_layer, torch.zeros_like(drop)) | drop
+        self.att_specs: dict[int, list[tuple[Capture, torch.Tensor, torch.Tensor]]] = {}
+        for cap in self.capture:
+            if cap.kind != "attention":
+                continue
+            q = lay.mask(cap.at)
+            keys = torch.stack([lay.mask(k) for k in cap.keys], -1).float()  # (R, L, G)
+            for i in cap.layers if cap.layers is not None else range(n):
+                self.att_specs.setdefault(i, []).append((cap, q, keys))
+        self.residual_layers: set[int] = set()
+        for cap in self.capture:
+            if cap.kind == "residual":
+                if cap.at is not None:
+                    _positions_mask(cap.at, lay)  # validates the group name early
+                self.residual_layers |= set(cap.layers if cap.layers is not None else range(n + 1))
+
+    # -- running ----------------------------------------------------------------------------------------------
+    def prefill(self, start_layer: int, start_pos: int, base: _Forward | None) -> None:
+        """Run positions >= start_pos through layers >= start_layer (the rest comes from ``base``)."""
+        emb = self.emb
+        r = len(self.rows)
+        length = emb.embeds.shape[1]
+        self.q_pos = torch.arange(start_pos, length).expand(r, -1)
+        if start_layer == 0:
+            hidden = emb.embeds[self.rows, start_pos:]
+        else:
+            hidden = base.inputs_kept[start_layer][self.rows, start_pos:]
+        pos = emb.position_ids[:, self.rows, start_pos:]
+        self.text_pos, self.rope_pos = (pos[0], pos[1:]) if pos.shape[0] == 4 else (None, pos)
+        self.cache = DynamicCache()
+        self.k_pos: dict[int, torch.Tensor] = {}
+        if start_pos > 0:
+            prefix = torch.arange(start_pos).expand(r, -1)
+            for i in range(start_layer, self.n):
+                layer = base.cache.layers[i]
+                self.cache.update(layer.keys[self.rows, :, :start_pos], layer.values[self.rows, :, :start_pos], i)
+                self.k_pos[i] = prefix
+        if base is not None:
+            self._inherit(base, start_layer)
+        self.start = (start_layer, start_pos)
+        self._plain = start_pos == 0 and bool(self.layout.valid[:, :length].all())
+        self._whole = start_pos == 0 and length == self.layout.length  # hidden rows are positions 0..L-1
+        self.length = length
+        hidden = self._layers(hidden, start_layer)
+        self._finish(hidden)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One decoding step: tokens (R,) -> next-token logits (R, V)."""
+        ad = self.adapter
+        pos_abs = self.length
+        self.length += 1
+        self.q_pos = torch.full((len(self.rows), 1), pos_abs)
+        nxt = self._next_position[:, None] + (pos_abs - self.emb.embeds.shape[1])
+        rope = nxt[None].expand(3, -1, -1)
+        self.text_pos, self.rope_pos = (nxt, rope) if self.text_pos is not None else (None, rope)
+        self._plain = self._whole = False
+        hidden = ad.embed_tokens(tokens[:, None].to(ad.device))
+        hidden = self._layers(hidden, 0)
+        self._finish(hidden, decoding=True)
+        return self.last_logits
+
+    @property
+    def _next_position(self) -> torch.Tensor:
+        return self.emb.position_ids[:, self.rows].amax(dim=(0, 2)) + 1
+
+    def _layers(self, hidden: torch.Tensor, start_layer: int) -> torch.Tensor:
+        ad = self.adapter
+        cos_sin = ad.text_model.rotary_emb(hidden, self.rope_pos)
+        token = ACTIVE.set(self)
+        try:
+            for i in range(start_layer, self.n):
+                hidden, cos_sin = self._between(i, hidden, cos_sin)
+                prev = self.k_pos.get(i)
+                self.k_pos[i] = self.q_pos if prev is None else torch.cat([prev, self.q_pos], 1)
+                self._layer = i
+                hidden = ad.layers[i](
+                    hidden,
+                    attention_mask=None,
+                    position_ids=self.text_pos,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    position_embeddings=cos_sin,
+                )
+                if i in self.emb.additions:
+                    hidden = hidden + _gather(self.emb.additions[i][self.rows], self.q_pos).to(hidden.dtype)
+            hidden, _ = self._between(self.n, hidden, cos_sin)
+        finally:
+            ACTIVE.reset(token)
+        return hidden
+
+    def _between(self, i: int, hidden: torch.Tensor, cos_sin: tuple) -> tuple[torch.Tensor, tuple]:
+        """Residual-stream work at the input of layer i: patch, discard, record."""
+        for where, source in self.patch.get(i, ()):
+            sel = _gather(where, self.q_pos)
+            hidden = torch.where(sel[..., None], _gather(source, self.q_pos).to(hidden.dtype), hidden)
+        if i in self.discard:
+            hidden, cos_sin = self._discard(self.discard[i], hidden, cos_sin)
+        if i in self.keep_inputs:
+            self.inputs_kept[i] = hidden
+        if i in self.residual_layers:
+            self._record_residual(i, hidden)
+        return hidden, cos_sin
+
+    def _discard(self, drop: torch.Tensor, hidden: torch.Tensor, cos_sin: tuple) -> tuple[torch.Tensor, tuple]:
+        """Remove the positions in ``drop`` (R, L) from the current rows, left-padding rows to a common length."""
+        keep = ~_gather(drop, self.q_pos) & (self.q_pos >= 0)
+        counts = keep.sum(1)
+        width = int(counts.max())
+        # Stable order: kept positions keep their order, padding slots come first.
+        order = torch.argsort(keep.long(), dim=1, stable=True)[:, -width:]
+        slot_ok = torch.arange(width)[None] >= (width - counts)[:, None]
+        self.q_pos = torch.where(slot_ok, self.q_pos.gather(1, order), -1)
+        hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+        cos, sin = (t.gather(1, order[..., None].expand(-1, -1, t.shape[-1])) for t in cos_sin)
+        self.rope_pos = self.rope_pos.gather(2, order[None].expand(self.rope_pos.shape[0], -1, -1))
+        if self.text_pos is not None:
+            self.text_pos = self.text_pos.gather(1, order)
+        self._plain = self._whole = False
+        return hidden, (cos, sin)
+
+    def _finish(self, hidden: torch.Tensor, decoding: bool = False) -> None:
+        self.last_logits = self.adapter.lm_head(self.adapter.final_norm(hidden[:, -1:]))[:, 0].float()
+        if self.logits_at == "all" and not decoding:
+            full = self.adapter.lm_head(self.adapter.final_norm(hidden)).float()
+            if self.logits is None:
+                self.logits = full.new_full((len(self.rows), self.layout.length, full.shape[-1]), float("nan"))
+            self._scatter(self.logits, full)
+
+    # -- attention (called by the registered attention function) ----------------------------------------------
+    def attend(
+        self,
+        layer: int,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        mask = self._mask(layer, query.shape[2], key.shape[2])
+        if layer in self.att_specs:
+            self._record_attention(layer, module, query, key, mask, scaling)
+        return self.backend(module, query, key, value, mask, scaling)
+
+    def _mask(self, layer: int, q_len: int, k_len: int) -> torch.Tensor | None:
+        knocks, steers = self.knock.get(layer, ()), self.steer.get(layer, ())
+        if self._plain and not knocks and not steers and q_len == k_len:
+            return None  # causal, no padding: sdpa's own causal path, bit-identical to the model's forward
+        qp, kp = self.q_pos, self.k_pos[layer]
+        diag = kp[:, None, :] == qp[:, :, None]
+        allowed = (kp[:, None, :] <= qp[:, :, None]) & _gather(self.layout.valid, kp)[:, None, :]
+        for q, k in knocks:
+            allowed &= ~(_gather(q, qp)[:, :, None] & _gather(k, kp)[:, None, :])
+        allowed = (allowed | diag)[:, None]  # (R, 1, Q, K)
+        if not steers:
+            return allowed
+        bias = torch.zeros(len(self.rows), self.adapter.n_heads, q_len, k_len)
+        for q, k, heads, alpha, mode in steers:
+            amount = torch.log1p(torch.tensor(alpha)) if mode == "post" else torch.tensor(alpha)
+            edge = (_gather(q, qp)[:, :, None] & _gather(k, kp)[:, None, :]).float()
+            bias[:, heads] += amount * edge[:, None]
+        dtype = self.adapter.dtype
+        return torch.where(allowed, bias, torch.finfo(torch.float32).min).to(dtype)
+
+    def _record_attention(
+        self, layer: int, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float
+    ) -> None:
+        for cap, q, keys in self.att_specs[layer]:
+            sel = _gather(q, self.q_pos)  # (R, Q)
+            cols = sel.any(0).nonzero().flatten()
+            if len(cols) == 0:
+                continue
+            sub_mask = None if mask is None else mask[:, :, cols]
+            if sub_mask is None:  # causal, no padding: build the rows' causal mask explicitly
+                qp, kp = self.q_pos[:, cols], self.k_pos[layer]
+                sub_mask = (kp[:, None, :] <= qp[:, :, None])[:, None]
+            probs = probabilities(module, query[:, :, cols], key, sub_mask, scaling).float()
+            mass = torch.einsum("rhqk,rkg->rhqg", probs, _gather(keys, self.k_pos[layer]))
+            store = self.mass.setdefault(cap.name, {})
+            if layer not in store:
+                store[layer] = mass.new_zeros(len(self.rows), mass.shape[1], self.layout.length, mass.shape[-1])
+            pos = self.q_pos[:, cols]
+            ok = sel[:, cols]
+            r_idx = torch.arange(len(self.rows))[:, None].expand_as(pos)
+            store[layer][r_idx[ok], :, pos[ok]] = mass.permute(0, 2, 1, 3)[ok]
+
+    def _record_residual(self, i: int, hidden: torch.Tensor) -> None:
+        if self._whole and i not in self.residual:
+            self.residual[i] = hidden  # the whole sequence: keep the tensor itself, no copy
+            return
+        if i not in self.residual:
+            self.residual[i] = hidden.new_full((len(self.rows), self.layout.length, hidden.shape[-1]), float("nan"))
+        self._scatter(self.residual[i], hidden)
+
+    def _scatter(self, dense: torch.Tensor, values: torch.Tensor) -> None:
+        """Write values (R, Q, ...) at the current absolute positions of dense (R, L, ...)."""
+        ok = self.q_pos >= 0
+        r_idx = torch.arange(len(self.rows))[:, None].expand_as(self.q_pos)
+        dense[r_idx[ok], self.q_pos[ok]] = values[ok].to(dense.dtype)
+
+    def _inherit(self, base: _Forward, start_layer: int) -> None:
+        """Start from the baseline's records for everything this run does not recompute."""
+        for i, h in base.residual.items():
+            self.residual[i] = h[self.rows].clone()
+        for name, per_layer in base.mass.items():
+            self.mass[name] = {i: m[self.rows].clone() for i, m in per_layer.items()}
+        if base.logits is not None:
+            self.logits = base.logits[self.rows].clone()
+        # Discarded positions have no residual from their discard layer on, and no logits.
+        for from_layer, drop in self.discard.items():
+            for i, h in self.residual.items():
+                if i >= from_layer:
+                    h[drop] = float("nan")
+            if self.logits is not None:
+                self.logits[drop] = float("nan")
+
+    # -- results ------------------------------------------------------------------------------------------------
+    def trace(self, rows: slice) -> Trace:
+        """The Trace of a slice of this forward's rows."""
+        caps: dict[str, dict[int, Any]] = {}
+        lay = self.layout.select(torch.arange(len(self.rows))[rows])
+        for cap in self.capture:
+            if cap.kind == "residual":
+                layers = cap.layers if cap.layers is not None else range(self.n + 1)
+                caps[cap.name] = {i: _select(self.residual[i][rows], cap, lay) for i in layers}
+            else:
+                per_layer = self.mass.get(cap.name, {})
+                q = lay.mask(cap.at).float()  # (B, L)
+                out = {}
+                for i in cap.layers if cap.layers is not None else range(self.n):
+                    m = per_layer.get(i)
+                    if m is None:
+                        out[i] = torch.full((q.shape[0], self.adapter.n_heads, len(cap.keys)), float("nan"))
+                        continue
+                    out[i] = torch.einsum("bhlg,bl->bhg", m[rows], q) / q.sum(1)[:, None, None]
+                caps[cap.name] = out
+        logits = self.logits[rows] if self.logits_at == "all" else self.last_logits[rows]
+        return Trace(logits=logits, captures=caps, layout=lay)
+
+
+def _select(dense: torch.Tensor, cap: Capture, layout: TokenLayout) -> Any:
+    """A residual capture's result from the dense (B, L, D) record."""
+    if cap.at is None:
+        return dense
+    mask = _positions_mask(cap.at, layout)
+    if cap.reduce == "mean":
+        w = mask.to(dense.dtype)
+        return torch.einsum("bld,bl->bd", torch.nan_to_num(dense), w) / w.sum(1, keepdim=True)
+    return [dense[b, mask[b]] for b in range(dense.shape[0])]
