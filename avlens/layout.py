@@ -8,6 +8,7 @@ Groups are boolean masks of shape (B, L) over a left-padded batch. Analyses name
 - ``last`` (the last prompt position), ``generated`` (positions produced by generation),
 - ``clip0``, ``clip1``... (the media spans of each clip of a multi-clip prompt, markers included),
 - ``chunk0``, ``chunk1``... (the video+audio tokens of each interleaved time chunk),
+- ``all`` (every non-padding position),
 - any group added later with :meth:`TokenLayout.with_group` (e.g. ``sinks``).
 
 Expressions combine groups: ``"last+generated"`` is a union, ``"clip1&audio"`` an intersection.
@@ -105,6 +106,8 @@ class TokenLayout:
         if "&" in expr:
             parts = [self.mask(p) for p in expr.split("&")]
             return torch.stack(parts).all(0)
+        if expr == "all":
+            return self.valid
         if expr not in self.groups:
             raise UnknownGroupError(f"unknown token group '{expr}' (this layout has: {', '.join(self.names)})")
         return self.groups[expr]

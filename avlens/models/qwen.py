@@ -243,7 +243,9 @@ class QwenAdapter(Adapter):
             except InputError as e:
                 errors.append(e.for_sample(sample.id))
         if not rows:
-            raise InputError("no sample in the batch could be built: " + "; ".join(map(str, errors)))
+            if len(errors) == 1:
+                raise errors[0]
+            raise InputError(f"none of the {len(errors)} samples could be built; the first: {errors[0]}")
         return self._collate(rows, kept, errors, interleave)
 
     def _load_clip(self, clip: Clip, opts: PrepareOptions) -> _LoadedClip:

@@ -55,6 +55,7 @@ class Trace:
 # ---------------------------------------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
 def run(
     adapter: Adapter,
     inputs: Inputs,
@@ -81,6 +82,7 @@ def run(
     return fwd.trace(slice(None))
 
 
+@torch.no_grad()
 def run_conditions(
     adapter: Adapter,
     inputs: Inputs,
@@ -275,6 +277,7 @@ class _Forward:
         self.mass: dict[str, dict[int, torch.Tensor]] = {}
         self.logits: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
+        self.decoding = False
 
     # -- compilation of the rows' interventions into per-layer masks ------------------------------------------
     def _compile(self, interventions: list[list[Intervention]]) -> None:
@@ -307,6 +310,17 @@ class _Forward:
                 where = _positions_mask(iv.at, lay) & on
                 for i in iv.layers:
                     src = iv.source[i]
+                    if src.dim() == 3 and src.shape[0] != self.emb.embeds.shape[0]:
+                        raise ValueError(
+                            f"Patch source at layer {i} has batch size {src.shape[0]}, "
+                            f"the inputs have {self.emb.embeds.shape[0]}"
+                        )
+                    prompt = self.emb.embeds.shape[1]
+                    if src.shape[-2] != prompt or src.shape[-1] != self.adapter.hidden_size:
+                        raise ValueError(
+                            f"Patch source at layer {i} has shape {tuple(src.shape)}; expected (B, {prompt}, "
+                            f"{self.adapter.hidden_size}) for this batch"
+                        )
                     src = src[self.rows] if src.dim() == 3 else src.expand(r, -1, -1)
                     if src.shape[1] < length:  # generation: the prompt part only
                         src = torch.cat([src, src.new_zeros(r, length - src.shape[1], src.shape[2])], 1)
@@ -369,6 +383,7 @@ class _Forward:
         rope = nxt[None].expand(3, -1, -1)
         self.text_pos, self.rope_pos = (nxt, rope) if self.text_pos is not None else (None, rope)
         self._plain = self._whole = False
+        self.decoding = True
         hidden = ad.embed_tokens(tokens[:, None].to(ad.device))
         hidden = self._layers(hidden, 0)
         self._finish(hidden, decoding=True)
@@ -396,7 +411,7 @@ class _Forward:
                     use_cache=True,
                     position_embeddings=cos_sin,
                 )
-                if i in self.emb.additions:
+                if i in self.emb.additions and not self.decoding:  # (deepstack: prompt positions only)
                     hidden = hidden + _gather(self.emb.additions[i][self.rows], self.q_pos).to(hidden.dtype)
             hidden, _ = self._between(self.n, hidden, cos_sin)
         finally:
