@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
 from pathlib import Path
 
 import av
@@ -88,14 +92,19 @@ def av_samples(rng_seed: int = 0, n: int = 2, frames: int = 4, seconds: float = 
         t = frames - 2 * (i % 2)
         video = rng.integers(0, 255, (t, 56, 84, 3), dtype=np.uint8)
         audio = (0.1 * rng.standard_normal(int(16000 * seconds * (1 - 0.25 * i)))).astype(np.float32)
-        out.append(Sample(["what do you hear?", "what do you see", "describe the video"][i % 3], video=video, audio=audio))
+        out.append(
+            Sample(["what do you hear?", "what do you see", "describe the video"][i % 3], video=video, audio=audio)
+        )
     return out
 
 
 def v_samples(rng_seed: int = 0, n: int = 2) -> list[Sample]:
     rng = np.random.default_rng(rng_seed)
     return [
-        Sample("what do you see?" if i % 2 == 0 else "describe", video=rng.integers(0, 255, (4 - 2 * (i % 2), 56, 84, 3), dtype=np.uint8))
+        Sample(
+            "what do you see?" if i % 2 == 0 else "describe",
+            video=rng.integers(0, 255, (4 - 2 * (i % 2), 56, 84, 3), dtype=np.uint8),
+        )
         for i in range(n)
     ]
 

@@ -234,13 +234,17 @@ def test_generation_knockout_acts_only_where_it_should(models, family):
     adapter, inputs = _batch(models, family)
     free = generate(adapter, inputs, max_new_tokens=4)
     assert free.step_logits.shape[1] >= 2
-    later = generate(adapter, inputs, [Knockout("generated", "video", layers=range(adapter.n_layers))], max_new_tokens=4)
+    later = generate(
+        adapter, inputs, [Knockout("generated", "video", layers=range(adapter.n_layers))], max_new_tokens=4
+    )
     # The first answer token comes from the last prompt position, which this knockout does not touch...
     assert torch.equal(later.step_logits[:, 0], free.step_logits[:, 0])
     # ...the following ones are produced by generated positions, which it does.
     n = min(later.step_logits.shape[1], free.step_logits.shape[1])
     assert (later.step_logits[:, 1:n] - free.step_logits[:, 1:n]).abs().max() > 1e-4
-    first = generate(adapter, inputs, [Knockout("last+generated", "video", layers=range(adapter.n_layers))], max_new_tokens=4)
+    first = generate(
+        adapter, inputs, [Knockout("last+generated", "video", layers=range(adapter.n_layers))], max_new_tokens=4
+    )
     assert (first.step_logits[:, 0] - free.step_logits[:, 0]).abs().max() > 1e-4
     # Greedy generation through the engine equals re-running the prompt plus the generated tokens.
     assert torch.equal(free.logits, run(adapter, inputs).logits)

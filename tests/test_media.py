@@ -359,9 +359,7 @@ BAD_INPUTS = [  # (fixture key, loader, problem the message must contain)
 ]
 
 
-@pytest.mark.parametrize(
-    ("key", "loader", "problem"), BAD_INPUTS, ids=[f"{k}-{f.__name__}" for k, f, _ in BAD_INPUTS]
-)
+@pytest.mark.parametrize(("key", "loader", "problem"), BAD_INPUTS, ids=[f"{k}-{f.__name__}" for k, f, _ in BAD_INPUTS])
 def test_bad_input_raises_one_media_error(media, key, loader, problem):
     path = media[key]
     with pytest.raises(MediaError) as caught:
@@ -458,9 +456,7 @@ def test_images_bit_identical_with_config():
 
 
 def test_vision_from_config_size_dict():
-    processor = VisionProcessor.from_config(
-        {"size": {"shortest_edge": 1000, "longest_edge": 5000}, "patch_size": 16}
-    )
+    processor = VisionProcessor.from_config({"size": {"shortest_edge": 1000, "longest_edge": 5000}, "patch_size": 16})
     assert (processor.min_pixels, processor.max_pixels, processor.patch_size) == (1000, 5000, 16)
     assert processor.temporal_patch_size == 2 and processor.patch_dim == 3 * 2 * 16 * 16
 

@@ -81,8 +81,7 @@ class QwenAdapter(Adapter):
     ``model.lm_head``, chat-template prompts with placeholder tokens expanded to the media's token counts)."""
 
     model_class: ClassVar[Any] = None
-    full_model_class: ClassVar[Any] = None  # a wrapper holding the model as ``.thinker`` (Omni)
-    full_model_types: ClassVar[tuple[str, ...]] = ()
+    full_model_types: ClassVar[tuple[str, ...]] = ()  # checkpoints holding the model as ``thinker.*`` (Omni)
     video_second_kwarg: ClassVar[str] = "video_second_per_grid"
     tokens: ClassVar[dict[str, str]] = {
         "vision_start": "<|vision_bos|>",
@@ -146,9 +145,11 @@ class QwenAdapter(Adapter):
             dtype = "auto" if device_map is not None else torch.float32
         kwargs = dict(dtype=dtype, device_map=device_map, use_safetensors=True, trust_remote_code=trust_remote_code)
         if config.model_type in cls.full_model_types:
-            # A full Omni checkpoint: build only the thinker (the talker/vocoder are not needed to trace).
-            full = cls.full_model_class.from_pretrained(name, enable_audio_output=False, **kwargs)
-            model = full.thinker
+            # A full Omni checkpoint: build only the thinker from its weights (the talker and vocoder are not
+            # needed to trace, and their loader wants a pickled speaker file).
+            model = cls.model_class.from_pretrained(
+                name, config=config.thinker_config, key_mapping={r"^thinker\.": ""}, **kwargs
+            )
         else:
             model = cls.model_class.from_pretrained(name, **kwargs)
         model.eval()

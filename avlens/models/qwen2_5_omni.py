@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration
+from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
 from .qwen import QwenAdapter, chunked_index
 from .registry import register
@@ -21,7 +21,6 @@ class Qwen2_5OmniAdapter(QwenAdapter):
     model_types = ("qwen2_5_omni_thinker", "qwen2_5_omni")
     full_model_types = ("qwen2_5_omni",)
     model_class = Qwen2_5OmniThinkerForConditionalGeneration
-    full_model_class = Qwen2_5OmniForConditionalGeneration
 
     def audio_token_count(self, n_frames: int) -> int:
         # The audio tower's own length rule: two stride-2 reductions.

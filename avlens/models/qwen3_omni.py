@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from transformers import Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration
+from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as qwen3
 
 from .qwen import QwenAdapter
@@ -25,7 +25,6 @@ class Qwen3OmniAdapter(QwenAdapter):
     model_types = ("qwen3_omni_moe_thinker", "qwen3_omni_moe")
     full_model_types = ("qwen3_omni_moe",)
     model_class = Qwen3OmniMoeThinkerForConditionalGeneration
-    full_model_class = Qwen3OmniMoeForConditionalGeneration
     tokens: ClassVar[dict[str, str]] = {
         "vision_start": "<|vision_start|>",
         "vision_end": "<|vision_end|>",

@@ -59,18 +59,14 @@ def build_tokenizer(words: Iterable[str], special: dict[str, str]) -> PreTrained
             pre_tokenizers.Digits(True),
         ]
     )
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace(NEWLINE, "\n"), decoders.WordPiece(prefix="##", cleanup=True)]
-    )
+    tok.decoder = decoders.Sequence([decoders.Replace(NEWLINE, "\n"), decoders.WordPiece(prefix="##", cleanup=True)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token=UNK,
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
-        extra_special_tokens={
-            _PROCESSOR_ATTRIBUTES[k]: v for k, v in special.items() if k in _PROCESSOR_ATTRIBUTES
-        },
+        extra_special_tokens={_PROCESSOR_ATTRIBUTES[k]: v for k, v in special.items() if k in _PROCESSOR_ATTRIBUTES},
         padding_side="left",
     )
     fast.chat_template = chat_template(special)

@@ -113,9 +113,7 @@ class WorldConfig:
         if self.height < 16 or self.width < 16 or self.height % 2 or self.width % 2:
             raise InputError(f"frame size must be even and >= 16, got {self.height}x{self.width}")
         if self.fps < 1 or self.sampling_rate < 8000:
-            raise InputError(
-                f"fps must be >= 1 and sampling_rate >= 8000, got {self.fps}, {self.sampling_rate}"
-            )
+            raise InputError(f"fps must be >= 1 and sampling_rate >= 8000, got {self.fps}, {self.sampling_rate}")
         lo, hi = self.snr_db
         if lo > hi:
             raise InputError(f"snr_db must be (low, high), got {self.snr_db}")
@@ -310,9 +308,7 @@ def render_visual(label: str, rng: np.random.Generator, cfg: WorldConfig) -> np.
     radius = rng.uniform(0.2, 0.3) * size
     margin = 1.6 * radius  # rest position leaves room for the motion
     cx0, cy0 = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
-    color = _hsv(
-        look.hue + rng.uniform(-HUE_JITTER, HUE_JITTER), rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0)
-    )
+    color = _hsv(look.hue + rng.uniform(-HUE_JITTER, HUE_JITTER), rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
     base_angle = rng.uniform(0, 2 * np.pi)
     freq = rng.uniform(2.2, 3.2)
     t = np.arange(n) / cfg.fps
@@ -362,9 +358,7 @@ def _events(t: np.ndarray, onsets: np.ndarray, length: float) -> tuple[np.ndarra
     return since, since < length
 
 
-def _harmonics(
-    phase: np.ndarray, amps: list[float] | np.ndarray, ratios: list[float] | None = None
-) -> np.ndarray:
+def _harmonics(phase: np.ndarray, amps: list[float] | np.ndarray, ratios: list[float] | None = None) -> np.ndarray:
     """Sum of sines at multiples (or given ratios) of a running phase (radians), (n,)."""
     ratios = list(range(1, len(amps) + 1)) if ratios is None else ratios
     return sum(a * np.sin(k * phase) for a, k in zip(amps, ratios, strict=True))
@@ -385,16 +379,14 @@ def _synth(label: str, rng: np.random.Generator, t: np.ndarray, sr: int, dur: fl
         since, _ = _events(t, _onsets(rng, dur, 4 * rate, 0.05), dur)
         f = 90 * pitch * (1 + 0.8 * np.exp(-since / 0.03))
         phase = 2 * np.pi * np.cumsum(f) / sr
-        return np.sin(phase) * np.exp(-since / 0.12) + 0.5 * _band_noise(rng, n, 150, 1200, sr) * np.exp(
-            -since / 0.03
-        )
+        return np.sin(phase) * np.exp(-since / 0.12) + 0.5 * _band_noise(rng, n, 150, 1200, sr) * np.exp(-since / 0.03)
     if label == "gong":  # dense low inharmonic partials, one or two long-ringing strikes, shimmer
         f0 = 140 * pitch
         since, _ = _events(t, _onsets(rng, dur, 0.6 * rate, 0.1), dur)
         ratios = [1.0, 1.48, 1.93, 2.44, 2.93, 3.61, 4.3]
-        x = sum(
-            np.sin(2 * np.pi * f0 * k * since + rng.uniform(0, 2 * np.pi)) / k**0.5 for k in ratios
-        ) * np.exp(-since / 1.2)
+        x = sum(np.sin(2 * np.pi * f0 * k * since + rng.uniform(0, 2 * np.pi)) / k**0.5 for k in ratios) * np.exp(
+            -since / 1.2
+        )
         shimmer = 1 + 0.3 * np.sin(2 * np.pi * rng.uniform(3, 6) * t)
         return x * shimmer + 0.15 * _band_noise(rng, n, 300, 1500, sr) * np.exp(-since / 0.5)
     if label == "bird":  # fast downward chirps around 3 kHz in bursts
@@ -413,9 +405,7 @@ def _synth(label: str, rng: np.random.Generator, t: np.ndarray, sr: int, dur: fl
         f = 220 * pitch * (1 + 0.03 * np.sin(2 * np.pi * rng.uniform(5, 8) * t))
         phase = 2 * np.pi * np.cumsum(f) / sr
         x = _harmonics(phase, 1 / np.arange(1, 16))
-        return x * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 1.5) * t)) + 0.3 * _band_noise(
-            rng, n, 150, 1500, sr
-        )
+        return x * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 1.5) * t)) + 0.3 * _band_noise(rng, n, 150, 1500, sr)
     if label == "engine":  # low rich rumble with firing-rate tremolo and low noise
         f0 = 45 * pitch
         phase = 2 * np.pi * f0 * t
@@ -444,9 +434,7 @@ def _synth(label: str, rng: np.random.Generator, t: np.ndarray, sr: int, dur: fl
         for j, o in enumerate(onsets):
             since = t - o
             f = (2800 if j % 2 == 0 else 1900) * pitch
-            x += np.where(
-                since >= 0, np.sin(2 * np.pi * f * since) * np.exp(-np.maximum(since, 0) / 0.008), 0
-            )
+            x += np.where(since >= 0, np.sin(2 * np.pi * f * since) * np.exp(-np.maximum(since, 0) / 0.008), 0)
         return x
     if label == "kettle":  # high whistle with breath noise, swelling and rising in pitch
         f = 2200 * pitch * (1 + 0.05 * t / dur) * (1 + 0.01 * np.sin(2 * np.pi * rng.uniform(4, 7) * t))
@@ -563,9 +551,7 @@ def write_clip(path_stem: Path, frames: np.ndarray, audio: np.ndarray, cfg: Worl
         out.mux(video.encode(None))
         chunk = 1024  # the AAC frame size
         for start in range(0, len(audio), chunk):
-            frame = av.AudioFrame.from_ndarray(
-                audio[None, start : start + chunk], format="fltp", layout="mono"
-            )
+            frame = av.AudioFrame.from_ndarray(audio[None, start : start + chunk], format="fltp", layout="mono")
             frame.sample_rate, frame.pts = sr, start
             out.mux(sound.encode(frame))
         out.mux(sound.encode(None))
