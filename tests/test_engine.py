@@ -272,7 +272,7 @@ def test_unknown_group_is_one_clear_error(omni):
     inputs = omni.prepare(samples_for(omni, 0, 1))
     from avlens.errors import UnknownGroupError
 
-    with pytest.raises(UnknownGroupError, match="unknown token group 'vidoe'.*video"):
+    with pytest.raises(UnknownGroupError, match=r"unknown token group 'vidoe'.*video"):
         run_conditions(omni, inputs, {"ok": [], "typo": [Knockout("last", "vidoe", layers=[1])]})
     with pytest.raises(ValueError, match="out of range"):
         run(omni, inputs, [Knockout("last", "video", layers=[7])])

@@ -3,8 +3,9 @@
 Layers are decoder-layer indices. A residual "at layer i" is the input of decoder layer i (i = n_layers: the
 output of the last layer, before the final norm), so ``residual[0]`` are the input embeddings, as in
 transformers' ``output_hidden_states`` (which, for Qwen3-Omni, records layer outputs before the deepstack
-visual features are added; avlens's residual includes them, as the next layer sees them). Token sets are group expressions of the layout ("last+generated",
-"video", "clip1&audio") or explicit position tuples.
+visual features are added; avlens's residual includes them, as the next layer sees them).
+Token sets are group expressions of the layout ("last+generated", "video", "clip1&audio") or explicit
+position tuples.
 """
 
 from __future__ import annotations
