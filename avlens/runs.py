@@ -155,10 +155,11 @@ def _records_to_arrow(table: str, records: list[dict]) -> pa.Table:
 
 
 class RunDir:
-    """A run directory, opened for writing. Use :meth:`open`, not the constructor.
+    """A run directory, opened to write with :meth:`open` or to read with :meth:`load` (not the constructor).
 
     Attributes:
         path: the directory.
+        info: the contents of run.json (config, config_hash, versions, started, meta, resumes).
         config: the run's config (as stored in run.json: JSON values).
         config_hash: its canonical hash, see :func:`config_hash`.
     """
