@@ -1,0 +1,767 @@
+"""Dataset builders: counterfactual variants of clips, unimodal-dominance splits, multi-clip prompts.
+
+Each builder reads a manifest (see :mod:`avlens.data.manifest`), checks every row, writes what it can and
+reports the rest: a row with a missing or unreadable file, no audio track where one is needed, or an unknown
+label lands in :attr:`BuildReport.problems` with its reason, and every other row is written.
+
+Media are written like the organism's clips (:func:`avlens.organism.world.write_clip`): H.264 (libx264,
+yuv420p, single-threaded, no macroblock-tree) + AAC mono at 16 kHz in a bit-exact mp4, and 16-bit PCM wav.
+Paths in the manifests written here are relative to the manifest when the file is inside its directory and
+absolute otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pandas as pd
+import soundfile as sf
+
+from ..errors import InputError, MediaError
+from ..media import VideoClip, load_audio, load_video, probe
+from ..models.base import Adapter, Clip, Sample
+from ..trace import generate
+from .manifest import read_manifest, relative_path, with_none, write_manifest
+
+__all__ = [
+    "CONDITIONS",
+    "NOTHING",
+    "BuildReport",
+    "counterfactual",
+    "dominance",
+    "first_label",
+    "multiclip",
+    "samples_from_multiclip",
+]
+
+CONDITIONS = ("factual", "swapped", "muted", "blank_video", "audio_only", "video_only")
+"""The counterfactual variants :func:`counterfactual` can build."""
+
+NOTHING = "nothing"
+"""The expected answer when a modality carries nothing (a silent track, black frames, no track)."""
+
+SAMPLING_RATE = 16000  # what the models' audio encoders take; every audio written here is mono at this rate
+
+Progress = Callable[[int, int], None]
+"""Called with (done, total) as a builder goes."""
+
+# The organism's encoder settings (world.write_clip): the same input gives the same bytes.
+_X264 = {"threads": "1", "x264-params": "mbtree=0", "crf": "18", "preset": "fast"}
+_AAC_BIT_RATE = 64000
+_AAC_FRAME = 1024
+_AV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+
+
+@dataclass
+class BuildReport:
+    """What a builder did.
+
+    Attributes:
+        written: rows written to ``manifest``.
+        problems: one dict per row left out: ``id`` (the source row's id), ``file`` (the file concerned, or the
+            manifest for a label problem), ``reason``.
+        manifest: the main output table.
+        files: every table written, by name (e.g. ``{"answers": ..., "audio_dominant": ...}``).
+        counts: sizes of the parts of the output (e.g. rows per condition, or per dominance set).
+    """
+
+    written: int
+    problems: list[dict]
+    manifest: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Counterfactual variants
+# ---------------------------------------------------------------------------------------------------------
+def counterfactual(
+    manifest: str | Path | pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    pairs: Iterable[tuple[str, str]] | None = None,
+    seed: int = 0,
+    conditions: Sequence[str] = CONDITIONS,
+    progress: Progress | None = None,
+) -> BuildReport:
+    """Write counterfactual variants of every clip of a manifest (P1's factual / swapped clips and more).
+
+    Per source row and condition:
+
+    ============ ========================================== ============== ==============
+    condition    media                                      expect_hear    expect_see
+    ============ ========================================== ============== ==============
+    factual      its video with its audio                   audio label    visual label
+    swapped      its video with a partner row's audio       partner's      visual label
+    muted        its video with an all-zero audio track     "nothing"      visual label
+    blank_video  black frames (same size, fps, length)      audio label    "nothing"
+                 with its audio
+    audio_only   its audio alone (a wav)                    audio label    "nothing"
+    video_only   its video without any audio track          "nothing"      visual label
+    ============ ========================================== ============== ==============
+
+    A swap partner is another row whose audio label is unrelated to this row's audio label: in no common
+    group of ``groups``, or one of ``pairs`` (unordered); it must also differ from this row's visual label
+    (and be unrelated to it when that label is known), so that the sound never matches the picture. Partners
+    are drawn at random (by ``seed``) over the allowed labels, and round-robin within a label so that donors
+    are used evenly. The partner's audio is cut or looped to the length of the row's own audio.
+
+    Output, under ``out_dir``: ``clips/`` with the media and ``manifest.jsonl`` with one line per (source row,
+    condition) and the columns ``id`` (``<source_id>__<condition>``), ``source_id``, ``condition``, ``video``
+    (mp4, or null), ``audio`` (a wav of what the clip plays, the same samples as the mp4's audio track; null
+    when it has no audio), ``audio_label`` (of what is heard; null when nothing is), ``visual_label`` (null
+    when nothing is seen), ``expect_hear``, ``expect_see``, ``original_audio_label`` and ``partner_id``
+    (swapped rows only, else null), then the source row's other columns (a name the output already uses gets
+    the prefix ``source_``, e.g. the organism's ``condition`` becomes ``source_condition``).
+
+    A source row is written with all its conditions or not at all (reported), so the conditions stay
+    balanced. Loadable with ``datasets.load_dataset("json", data_files=str(out_dir / "manifest.jsonl"))``.
+
+    Args:
+        manifest: a manifest file or a table from :func:`~avlens.data.read_manifest`; needs ``video``,
+            ``audio_label``, ``visual_label`` (and ``audio`` for clips whose sound is a separate file).
+        groups: group name -> audio labels; labels in different groups are unrelated.
+        pairs: label pairs that count as unrelated (in addition to ``groups``).
+        seed: seed of the partner choice.
+        conditions: which of :data:`CONDITIONS` to build.
+        progress: called with (source rows done, source rows to build).
+
+    Raises:
+        InputError: an unreadable manifest, an unknown condition, or ``swapped`` without ``groups``/``pairs``.
+    """
+    conditions = tuple(dict.fromkeys(conditions))
+    unknown = [c for c in conditions if c not in CONDITIONS]
+    if unknown or not conditions:
+        raise InputError(f"unknown or no conditions {unknown or list(conditions)}; choose from {', '.join(CONDITIONS)}")
+    relation = None
+    if "swapped" in conditions:
+        if not groups and not pairs:
+            raise InputError("the swapped condition needs groups= or pairs= to tell which audio labels are unrelated")
+        relation = _Relation(groups or {}, pairs or ())
+    df = _table(manifest, ("video", "audio_label", "visual_label"))
+    where = df.attrs.get("path")
+    out_dir = Path(out_dir)
+    (out_dir / "clips").mkdir(parents=True, exist_ok=True)
+
+    problems: list[dict] = []
+    rows: list[_Row] = []
+    for i, row in enumerate(df.to_dict("records")):
+        try:
+            for column in ("audio_label", "visual_label"):
+                if row.get(column) is None:
+                    raise InputError(f"no {column}", path=where)
+            if relation is not None and not relation.known(row["audio_label"]):
+                raise InputError(f"unknown label {row['audio_label']!r} (in no group or pair)", path=where)
+            _check_media(row, need_audio=True)
+        except InputError as e:
+            problems.append(_problem(row["id"], e))
+        else:
+            rows.append(_Row(i, row))
+
+    partners: dict[str, _Row] = {}
+    if relation is not None:
+        partners = _choose_partners(rows, relation, seed)
+        for r in rows:
+            if r.id not in partners:
+                problems.append(
+                    {
+                        "id": r.id,
+                        "file": where,
+                        "reason": f"no other row has an audio label unrelated to {r.row['audio_label']!r}"
+                        f" (and to the visual label {r.row['visual_label']!r})",
+                    }
+                )
+        rows = [r for r in rows if r.id in partners]
+
+    records: list[dict] = []
+    for done, r in enumerate(rows, 1):
+        stem = out_dir / "clips" / f"{r.index:06d}_{_safe(r.id)}"
+        written: list[Path] = []
+        try:
+            files = _write_variants(r.row, partners.get(r.id), stem, conditions, written)
+        except InputError as e:
+            for p in written:  # leave no half-built row behind
+                p.unlink(missing_ok=True)
+            problems.append(_problem(r.id, e))
+        else:
+            records += _variant_records(r.row, partners.get(r.id), files, conditions, out_dir)
+        if progress is not None:
+            progress(done, len(rows))
+
+    table = _with_columns(pd.DataFrame.from_records(records), _CF_COLUMNS)
+    path = write_manifest(table, out_dir / "manifest.jsonl")
+    counts = {c: int((table["condition"] == c).sum()) for c in conditions}
+    return BuildReport(len(table), problems, path, files={"manifest": path}, counts=counts)
+
+
+_CF_COLUMNS = (
+    "id",
+    "source_id",
+    "condition",
+    "video",
+    "audio",
+    "audio_label",
+    "visual_label",
+    "expect_hear",
+    "expect_see",
+    "original_audio_label",
+    "partner_id",
+)
+
+
+@dataclass
+class _Row:
+    index: int  # position in the source manifest (keeps file names unique whatever the ids look like)
+    row: dict
+
+    @property
+    def id(self) -> str:
+        return self.row["id"]
+
+
+class _Relation:
+    """Which audio labels are unrelated, from groups (different groups) and explicit pairs."""
+
+    def __init__(self, groups: Mapping[str, Sequence[str]], pairs: Iterable[tuple[str, str]]) -> None:
+        self.groups_of: dict[str, set[str]] = defaultdict(set)
+        for name, labels in groups.items():
+            if isinstance(labels, str):
+                raise InputError(f"group {name!r} must be a list of labels, got the string {labels!r}")
+            for label in labels:
+                self.groups_of[label].add(name)
+        self.pairs = set()
+        for pair in pairs:
+            a, b = pair
+            self.pairs.add(frozenset((a, b)))
+        self.labels = set(self.groups_of) | {label for pair in self.pairs for label in pair}
+
+    def known(self, label: str) -> bool:
+        return label in self.labels
+
+    def unrelated(self, a: str, b: str) -> bool:
+        if a == b:
+            return False
+        if frozenset((a, b)) in self.pairs:
+            return True
+        ga, gb = self.groups_of.get(a), self.groups_of.get(b)
+        return bool(ga and gb and not ga & gb)
+
+
+def _choose_partners(rows: list[_Row], relation: _Relation, seed: int) -> dict[str, _Row]:
+    """Row id -> the row whose audio it gets in its swapped variant (rows without any candidate are left out)."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[_Row]] = defaultdict(list)
+    for r in rows:
+        by_label[r.row["audio_label"]].append(r)
+    # donors of a label are taken in a shuffled round-robin, so that each is used about equally often
+    queues = {label: [members[j] for j in rng.permutation(len(members))] for label, members in by_label.items()}
+    turn = dict.fromkeys(queues, 0)
+    labels = sorted(by_label)
+    out = {}
+    for r in rows:
+        heard, seen = r.row["audio_label"], r.row["visual_label"]
+        allowed = [
+            p
+            for p in labels
+            if relation.unrelated(p, heard) and (not relation.known(seen) or relation.unrelated(p, seen))
+        ]
+        if not allowed:
+            continue
+        label = allowed[int(rng.integers(len(allowed)))]
+        queue = queues[label]
+        out[r.id] = queue[turn[label] % len(queue)]
+        turn[label] += 1
+    return out
+
+
+def _write_variants(
+    row: dict, partner: _Row | None, stem: Path, conditions: tuple[str, ...], written: list[Path]
+) -> dict[str, tuple[Path | None, Path | None]]:
+    """Write the media of one source row's variants; condition -> (video path, audio path).
+
+    Every path is appended to ``written`` before it is created, so that the caller can clean up on failure.
+    """
+    own = _audio_of(row)
+    sounds: dict[str, np.ndarray | None] = {}  # condition -> the audio its clip plays (None: no track)
+    for c in conditions:
+        if c == "swapped":
+            assert partner is not None
+            try:
+                sounds[c] = _fit(_audio_of(partner.row), len(own))
+            except InputError as e:
+                raise InputError(f"swap partner {partner.id}: {e.problem}", path=e.path) from e
+        elif c == "muted":
+            sounds[c] = np.zeros_like(own)
+        elif c == "video_only":
+            sounds[c] = None
+        else:
+            sounds[c] = own
+
+    files: dict[str, tuple[Path | None, Path | None]] = {}
+    wavs: dict[str, Path] = {}  # one wav per distinct sound: factual, blank_video and audio_only share one
+    for c, sound in sounds.items():
+        wav = None
+        if sound is not None:
+            key = c if c in ("swapped", "muted") else "own"
+            if key not in wavs:
+                wavs[key] = stem.with_name(stem.name + ("" if key == "own" else f"__{key}") + ".wav")
+                written.append(wavs[key])
+                sf.write(wavs[key], sound, SAMPLING_RATE, subtype="PCM_16")
+            wav = wavs[key]
+        files[c] = (None, wav)
+
+    videos = {
+        c: (stem.with_name(f"{stem.name}__{c}.mp4"), sounds[c], c == "blank_video")
+        for c in conditions
+        if c != "audio_only"
+    }
+    written += [path for path, _, _ in videos.values()]
+    _transcode(row["video"], list(videos.values()))
+    for c, (path, _, _) in videos.items():
+        files[c] = (path, files[c][1])
+    return files
+
+
+def _variant_records(
+    row: dict,
+    partner: _Row | None,
+    files: dict[str, tuple[Path | None, Path | None]],
+    conditions: tuple[str, ...],
+    out_dir: Path,
+) -> list[dict]:
+    heard, seen = row["audio_label"], row["visual_label"]
+    extras = {}
+    for k, v in row.items():
+        if k not in ("id", "video", "audio", "audio_label", "visual_label"):
+            extras[f"source_{k}" if k in _CF_COLUMNS else k] = v
+    out = []
+    for c in conditions:
+        video, audio = files[c]
+        audio_label = {"swapped": partner.row["audio_label"] if partner else None, "muted": None, "video_only": None}
+        visual_label = {"blank_video": None, "audio_only": None}
+        a = audio_label.get(c, heard)
+        v = visual_label.get(c, seen)
+        record = {
+            "id": f"{row['id']}__{c}",
+            "source_id": row["id"],
+            "condition": c,
+            "video": relative_path(video, out_dir),
+            "audio": relative_path(audio, out_dir),
+            "audio_label": a,
+            "visual_label": v,
+            "expect_hear": a if a is not None else NOTHING,
+            "expect_see": v if v is not None else NOTHING,
+            "original_audio_label": heard if c == "swapped" else None,
+            "partner_id": partner.id if c == "swapped" and partner else None,
+        }
+        out.append(record | extras)
+    return out
+
+
+def _audio_of(row: dict) -> np.ndarray:
+    """The clip's sound: its separate audio file if it has one, else the video's own track (mono, 16 kHz)."""
+    return load_audio(row.get("audio") or row["video"], sampling_rate=SAMPLING_RATE)
+
+
+def _fit(audio: np.ndarray, n: int) -> np.ndarray:
+    """``audio`` cut or looped to ``n`` samples."""
+    return np.resize(audio, n) if len(audio) != n else audio
+
+
+def _transcode(src: str, outputs: list[tuple[Path, np.ndarray | None, bool]]) -> None:
+    """Decode ``src``'s video once and write one mp4 per (path, audio or None for no track, black frames?).
+
+    Frames keep the source's size (cut to even numbers, which yuv420p needs), frame rate and count.
+
+    Raises:
+        MediaError: the video cannot be decoded.
+    """
+    try:
+        with av.open(str(src)) as container, ExitStack() as stack:
+            streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+            if not streams:
+                raise MediaError("no video track", path=src)
+            stream = streams[0]
+            rate = stream.average_rate or stream.guessed_rate
+            if not rate:
+                raise MediaError("cannot determine the video's frame rate", path=src)
+            width, height = stream.codec_context.width // 2 * 2, stream.codec_context.height // 2 * 2
+            if width < 2 or height < 2:
+                raise MediaError(f"video frames too small ({width}x{height})", path=src)
+            black = np.full((height * 3 // 2, width), 128, np.uint8)  # limited-range YUV black: Y 16, U = V 128
+            black[:height] = 16
+            writers = [stack.enter_context(_Mp4Writer(p, Fraction(rate), width, height, a)) for p, a, _ in outputs]
+            n = 0
+            for frame in container.decode(stream):
+                yuv = frame.reformat(format="yuv420p", width=width, height=height).to_ndarray()
+                for writer, (_, _, blank) in zip(writers, outputs, strict=True):
+                    writer.add_frame(black if blank else yuv)
+                n += 1
+            if n == 0:
+                raise MediaError("no decodable video frames", path=src)
+            for writer in writers:
+                writer.finish()
+    except _AV_ERRORS as e:
+        raise MediaError(f"cannot transcode the video ({' '.join(str(e).split())})", path=src) from e
+
+
+class _Mp4Writer:
+    """One output mp4: H.264 frames streamed in, then the whole audio track (if any) at the end."""
+
+    def __init__(self, path: Path, rate: Fraction, width: int, height: int, audio: np.ndarray | None) -> None:
+        self.path, self.audio, self.n = path, audio, 0
+        self.container = av.open(str(path), "w", format="mp4", container_options={"fflags": "+bitexact"})
+        self.video = self.container.add_stream("libx264", rate=rate, options=_X264)
+        self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
+        self.sound = None
+        if audio is not None:
+            self.sound = self.container.add_stream("aac", rate=SAMPLING_RATE, layout="mono")
+            self.sound.bit_rate = _AAC_BIT_RATE
+
+    def __enter__(self) -> _Mp4Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.container.close()
+
+    def add_frame(self, yuv: np.ndarray) -> None:
+        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+        frame.pts = self.n
+        self.n += 1
+        self.container.mux(self.video.encode(frame))
+
+    def finish(self) -> None:
+        self.container.mux(self.video.encode(None))
+        if self.sound is not None:
+            audio = np.asarray(self.audio, np.float32)
+            for start in range(0, len(audio), _AAC_FRAME):
+                frame = av.AudioFrame.from_ndarray(
+                    audio[None, start : start + _AAC_FRAME], format="fltp", layout="mono"
+                )
+                frame.sample_rate, frame.pts = SAMPLING_RATE, start
+                self.container.mux(self.sound.encode(frame))
+            self.container.mux(self.sound.encode(None))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unimodal dominance
+# ---------------------------------------------------------------------------------------------------------
+VARIANTS = ("joint", "audio_only", "video_only")
+
+
+def first_label(text: str, labels: Sequence[str]) -> str | None:
+    """The label that occurs first (as a whole word or phrase) in the lower-cased ``text``, else None.
+
+    At the same position the longer label wins ("dog bark" over "dog").
+    """
+    text = text.lower()
+    best: tuple[int, int, str] | None = None
+    for label in labels:
+        m = re.search(rf"(?<!\w){re.escape(label.lower())}(?!\w)", text)
+        if m and (best is None or (m.start(), -len(label)) < best[:2]):
+            best = (m.start(), -len(label), label)
+    return None if best is None else best[2]
+
+
+def dominance(
+    adapter: Adapter,
+    manifest: str | Path | pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    question: str,
+    labels: Sequence[str],
+    answer_of: Callable[[str, Sequence[str]], str | None] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    progress: Progress | None = None,
+) -> BuildReport:
+    """Split a manifest into audio-dominant and video-dominant clips by the model's own answers (P2).
+
+    Each clip is asked ``question`` three times (greedy generation): ``joint`` (frames and waveform),
+    ``audio_only`` (frames zeroed, waveform kept) and ``video_only`` (waveform zeroed, frames kept). The media
+    are decoded once and zeroed in memory, so the three prompts have the same tokens; the video and its audio
+    are given to the model as separate spans (in-memory frames carry no audio track, so the adapter does not
+    interleave them). Each answer is mapped to a label with ``answer_of(text, labels)``.
+
+    A clip is audio-dominant when joint == audio_only != video_only, video-dominant when
+    joint == video_only != audio_only, with the joint answer a label (not None) in both cases.
+
+    Output, under ``out_dir``: ``answers.parquet`` (every clip answered: its manifest columns, ``text_<variant>``,
+    ``answer_<variant>`` for the three variants, and ``dominant``: "audio", "video" or null), and
+    ``audio_dominant.jsonl`` / ``video_dominant.jsonl`` (the rows of each set, same columns; manifests for
+    later analyses).
+
+    Args:
+        adapter: the model (``adapter.prepare`` builds the inputs, :func:`avlens.trace.generate` answers).
+        manifest: a manifest file or table; needs ``video`` (and ``audio`` where the sound is a separate file).
+        question: the prompt, e.g. "Which of bell, drum, bird is in the clip? Answer with one word."
+        labels: the answers to look for.
+        answer_of: text, labels -> label or None (default :func:`first_label`).
+        batch_size: clips per generation batch (each gives 3 prompts).
+        max_new_tokens: longest answer.
+        progress: called with (clips done, clips).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not labels:
+        raise InputError("no labels given to map answers to")
+    answer_of = answer_of or first_label
+    df = _table(manifest, ("video",))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = getattr(adapter, "options", None)
+    fps, max_frames = getattr(options, "fps", 2.0), getattr(options, "max_frames", None)
+
+    problems: list[dict] = []
+    answered: list[dict] = []
+    rows = df.to_dict("records")
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        samples: list[Sample] = []
+        for row in chunk:
+            try:
+                video = load_video(row["video"], fps=fps, max_frames=max_frames)
+                audio = _audio_of(row)
+            except InputError as e:
+                problems.append(_problem(row["id"], e))
+                continue
+            samples += _dominance_samples(row["id"], question, video, audio)
+        texts = _generate_texts(adapter, samples, max_new_tokens, problems)
+        for row in chunk:
+            got = {v: texts.get(f"{row['id']}:{v}") for v in VARIANTS}
+            if any(t is None for t in got.values()):
+                continue  # failed to load or to build (reported)
+            answers = {v: answer_of(t, labels) for v, t in got.items()}
+            record = dict(row)
+            record["video"] = relative_path(row["video"], out_dir)
+            if "audio" in record:
+                record["audio"] = relative_path(row["audio"], out_dir)
+            record |= {f"text_{v}": got[v] for v in VARIANTS} | {f"answer_{v}": answers[v] for v in VARIANTS}
+            record["dominant"] = _dominant(answers)
+            answered.append(record)
+        if progress is not None:
+            progress(min(start + batch_size, len(rows)), len(rows))
+
+    columns = [*df.columns, *(f"text_{v}" for v in VARIANTS), *(f"answer_{v}" for v in VARIANTS), "dominant"]
+    table = _with_columns(pd.DataFrame.from_records(answered), columns)
+    files = {"answers": write_manifest(table, out_dir / "answers.parquet")}
+    counts = {}
+    for kind in ("audio", "video"):
+        subset = table[table["dominant"] == kind]
+        files[f"{kind}_dominant"] = write_manifest(subset, out_dir / f"{kind}_dominant.jsonl")
+        counts[f"{kind}_dominant"] = len(subset)
+    return BuildReport(len(table), problems, files["answers"], files=files, counts=counts)
+
+
+def _dominance_samples(row_id: str, question: str, video: VideoClip, audio: np.ndarray) -> list[Sample]:
+    blank = replace(video, frames=np.zeros_like(video.frames))
+    media = {"joint": (video, audio), "audio_only": (blank, audio), "video_only": (video, np.zeros_like(audio))}
+    return [
+        Sample(question, video=v, audio=a, id=f"{row_id}:{variant}", meta={"source_id": row_id, "variant": variant})
+        for variant, (v, a) in media.items()
+    ]
+
+
+def _generate_texts(adapter: Adapter, samples: list[Sample], max_new_tokens: int, problems: list[dict]) -> dict:
+    """Sample id -> generated text; samples that cannot be built are reported once per source row."""
+    if not samples:
+        return {}
+    failed: dict[str, InputError] = {}
+    try:
+        inputs = adapter.prepare(samples)
+    except InputError as e:  # none of the samples could be built
+        for s in samples:
+            failed.setdefault(s.meta["source_id"], e)
+        inputs = None
+    else:
+        for e in inputs.errors:
+            sample = next((s for s in samples if s.id == e.sample), None)
+            failed.setdefault(sample.meta["source_id"] if sample else str(e.sample), e)
+    for row_id, e in failed.items():
+        problems.append({"id": row_id, "file": e.path, "reason": e.problem})
+    if inputs is None:
+        return {}
+    trace = generate(adapter, inputs, max_new_tokens=max_new_tokens)
+    return {s.id: text for s, text in zip(inputs.samples, trace.text, strict=True)}
+
+
+def _dominant(answers: Mapping[str, str | None]) -> str | None:
+    joint, heard, seen = answers["joint"], answers["audio_only"], answers["video_only"]
+    if joint is None:
+        return None
+    if joint == heard != seen:
+        return "audio"
+    if joint == seen != heard:
+        return "video"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-clip prompts
+# ---------------------------------------------------------------------------------------------------------
+def multiclip(
+    manifest: str | Path | pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    n_clips: int = 2,
+    n_prompts: int | None = None,
+    seed: int = 0,
+    question_template: str = "Which clip has the sound of {label}?",
+    progress: Progress | None = None,
+) -> BuildReport:
+    """Write prompts that each hold ``n_clips`` clips with distinct audio labels and ask which one has a sound.
+
+    Each prompt draws ``n_clips`` different audio labels at random (by ``seed``), a clip of each, in random
+    order, and one of them as the target. Output: ``out_dir/manifest.jsonl`` with the columns ``id``,
+    ``clips`` (a list of ``{"video", "audio"}``; ``audio`` null means the video's own track), ``question``,
+    ``target_label``, ``answer`` (the 1-based position of the target clip, as text: "1", "2"...), ``labels``
+    and ``visual_labels`` (of each clip, in order) and ``source_ids``. Build a model input from a row with
+    :func:`samples_from_multiclip`.
+
+    Args:
+        manifest: a manifest file or table; needs ``video`` and ``audio_label``.
+        n_clips: clips per prompt (at least 2).
+        n_prompts: prompts to write (default: one per usable clip).
+        seed: seed of the draws.
+        question_template: the question, with ``{label}`` for the target's audio label.
+        progress: called with (prompts done, prompts).
+
+    Raises:
+        InputError: fewer than ``n_clips`` distinct audio labels among the usable rows, or bad arguments.
+    """
+    if n_clips < 2:
+        raise InputError(f"n_clips must be at least 2, got {n_clips}")
+    if "{label}" not in question_template:
+        raise InputError(f"question_template must contain {{label}}, got {question_template!r}")
+    df = _table(manifest, ("video", "audio_label"))
+    out_dir = Path(out_dir)
+    problems: list[dict] = []
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    usable = 0
+    for row in df.to_dict("records"):
+        try:
+            if row.get("audio_label") is None:
+                raise InputError("no audio_label", path=df.attrs.get("path"))
+            _check_media(row, need_audio=True)
+        except InputError as e:
+            problems.append(_problem(row["id"], e))
+        else:
+            by_label[row["audio_label"]].append(row)
+            usable += 1
+    if len(by_label) < n_clips:
+        raise InputError(
+            f"prompts of {n_clips} clips need {n_clips} distinct audio labels; the usable rows have {len(by_label)}",
+            path=df.attrs.get("path"),
+        )
+    n_prompts = usable if n_prompts is None else n_prompts
+    if n_prompts < 1:
+        raise InputError(f"n_prompts must be at least 1, got {n_prompts}")
+
+    rng = np.random.default_rng(seed)
+    labels = sorted(by_label)
+    records = []
+    for k in range(n_prompts):
+        chosen = [labels[j] for j in rng.choice(len(labels), size=n_clips, replace=False)]
+        rows = [by_label[label][int(rng.integers(len(by_label[label])))] for label in chosen]
+        target = int(rng.integers(n_clips))
+        records.append(
+            {
+                "id": f"prompt_{k:06d}",
+                "clips": [
+                    {"video": relative_path(r["video"], out_dir), "audio": relative_path(r.get("audio"), out_dir)}
+                    for r in rows
+                ],
+                "question": question_template.format(label=chosen[target]),
+                "target_label": chosen[target],
+                "answer": str(target + 1),
+                "labels": chosen,
+                "visual_labels": [r.get("visual_label") for r in rows],
+                "source_ids": [r["id"] for r in rows],
+            }
+        )
+        if progress is not None:
+            progress(k + 1, n_prompts)
+    path = write_manifest(pd.DataFrame.from_records(records), out_dir / "manifest.jsonl")
+    return BuildReport(len(records), problems, path, files={"manifest": path}, counts={"prompts": len(records)})
+
+
+def samples_from_multiclip(row: Mapping[str, Any], *, root: str | Path | None = None) -> Sample:
+    """The model input of one :func:`multiclip` row: its question over one :class:`Clip` per clip.
+
+    Args:
+        row: a row of the multiclip manifest (a dict, a pandas row or a ``datasets`` row).
+        root: directory that relative clip paths are relative to (the manifest's directory; not needed for
+            rows from :func:`~avlens.data.read_manifest`, whose paths are resolved).
+    """
+    clips = []
+    for c in row["clips"]:
+        video, audio = (_under(c.get(k), root) for k in ("video", "audio"))
+        clips.append(Clip(video=video, audio=audio))
+    meta = {k: row[k] for k in ("target_label", "answer", "labels") if k in row}
+    return Sample(str(row["question"]), clips=clips, id=str(row.get("id") or ""), meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared
+# ---------------------------------------------------------------------------------------------------------
+def _table(manifest: str | Path | pd.DataFrame, required: tuple[str, ...]) -> pd.DataFrame:
+    if isinstance(manifest, pd.DataFrame):
+        missing = [c for c in required if c not in manifest.columns]
+        if missing:
+            raise InputError(f"missing column '{missing[0]}'", path=manifest.attrs.get("path"))
+        df = manifest.copy()
+        if "id" not in df.columns:
+            df.insert(0, "id", [str(i) for i in range(len(df))])
+        df["id"] = [str(i) for i in df["id"]]
+        return with_none(df)
+    return read_manifest(manifest, required=required)
+
+
+def _check_media(row: dict, *, need_audio: bool) -> None:
+    """Raise MediaError unless the row's video (and, if needed, its sound) exists and opens (no decoding)."""
+    if row.get("video") is None:
+        raise InputError("no video file given")
+    info = probe(row["video"])
+    if not info.has_video:
+        raise MediaError("no video track", path=row["video"])
+    if not need_audio:
+        return
+    if row.get("audio") is not None:
+        if not probe(row["audio"]).has_audio:
+            raise MediaError("no audio track", path=row["audio"])
+    elif not info.has_audio:
+        raise MediaError("no audio track (and no separate audio file)", path=row["video"])
+
+
+def _problem(row_id: str, e: InputError) -> dict:
+    return {"id": row_id, "file": e.path, "reason": e.problem}
+
+
+def _safe(name: str) -> str:
+    """A file-name-safe version of an id."""
+    return re.sub(r"[^\w.-]+", "_", name)[:80]
+
+
+def _under(path: str | None, root: str | Path | None) -> str | None:
+    if path is None or root is None or Path(path).is_absolute():
+        return path
+    return str(Path(root) / path)
+
+
+def _with_columns(table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """``table`` with at least ``columns`` (first, in that order), also when it has no rows."""
+    for c in columns:
+        if c not in table.columns:
+            table[c] = pd.Series(dtype=object)
+    rest = [c for c in table.columns if c not in columns]
+    return table[[*columns, *rest]]
