@@ -381,7 +381,8 @@ def _fit(audio: np.ndarray, n: int) -> np.ndarray:
 def _transcode(src: str, outputs: list[tuple[Path, np.ndarray | None, bool]]) -> None:
     """Decode ``src``'s video once and write one mp4 per (path, audio or None for no track, black frames?).
 
-    Frames keep the source's size (cut to even numbers, which yuv420p needs), frame rate and count.
+    Frames keep the source's size (rounded down to even numbers, which yuv420p needs: an odd-sized frame is
+    rescaled by one pixel), frame rate and count.
 
     Raises:
         MediaError: the video cannot be decoded.
