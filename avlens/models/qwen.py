@@ -53,16 +53,17 @@ class PrepareOptions:
     Attributes:
         fps: video frames sampled per second (Qwen's default is 2).
         max_frames: cap on sampled frames.
-        interleave: lay a video and its own audio track out as time-interleaved chunks (Qwen-Omni's
-            ``use_audio_in_video``); otherwise as separate video and audio spans. Applies to a batch only if
-            every video in it uses its own track.
+        interleave: lay each video and its audio out as time-interleaved chunks (Qwen-Omni's
+            ``use_audio_in_video``) instead of separate video and audio spans. None (default): interleave when
+            every video of the batch brings its own audio track; True: interleave every clip that has a video
+            and an audio (every video then needs one); False: never.
         video_max_pixels / video_min_pixels: per-frame pixel budget (None: the model's preprocessor config).
         add_generation_prompt: end the prompt with the assistant turn header.
     """
 
     fps: float = 2.0
     max_frames: int | None = 64
-    interleave: bool = True
+    interleave: bool | None = None
     video_max_pixels: int | None = None
     video_min_pixels: int | None = None
     add_generation_prompt: bool = True
@@ -230,12 +231,15 @@ class QwenAdapter(Adapter):
                 loaded.append((sample, [self._load_clip(c, opts) for c in sample.all_clips()]))
             except InputError as e:
                 errors.append(e.for_sample(sample.id))
-        interleave = (
-            opts.interleave
-            and self.interleave_kwarg is not None
-            and any(c.video is not None for _, clips in loaded for c in clips)
-            and all(c.audio_from_video for _, clips in loaded for c in clips if c.video is not None)
-        )
+        videos = [c for _, clips in loaded for c in clips if c.video is not None]
+        if self.interleave_kwarg is None or not videos or opts.interleave is False:
+            interleave = False
+        elif opts.interleave is None:
+            interleave = all(c.audio_from_video for c in videos)
+        else:
+            interleave = True
+            loaded, dropped = _require_audio(loaded)
+            errors += dropped
         rows, kept = [], []
         for sample, clips in loaded:
             try:
@@ -451,6 +455,17 @@ class QwenAdapter(Adapter):
 
 class _Embedded(Exception):
     """Raised by the pre-hook to stop the model's forward once the decoder's inputs are known."""
+
+
+def _require_audio(loaded: list[tuple[Sample, list[_LoadedClip]]]) -> tuple[list, list[InputError]]:
+    """Samples whose every video has an audio (needed to interleave), and errors for the others."""
+    ok, errors = [], []
+    for sample, clips in loaded:
+        if any(c.video is not None and c.audio is None for c in clips):
+            errors.append(InputError("interleave=True needs an audio for every video", sample=sample.id))
+        else:
+            ok.append((sample, clips))
+    return ok, errors
 
 
 def _interleave_tokens(v_chunk: np.ndarray, a_chunk: np.ndarray, video_id: int, audio_id: int) -> list[int]:
