@@ -283,7 +283,7 @@ class FakeAdapter:
         self.modes, self.unbuildable = modes, unbuildable
         self.options = SimpleNamespace(fps=2.0, max_frames=8)
 
-    def prepare(self, samples):
+    def prepare(self, samples, **options):
         errors = [
             InputError("prompt too long", sample=s.id) for s in samples if s.meta["source_id"] == self.unbuildable
         ]

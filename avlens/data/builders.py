@@ -491,8 +491,8 @@ def dominance(
     Each clip is asked ``question`` three times (greedy generation): ``joint`` (frames and waveform),
     ``audio_only`` (frames zeroed, waveform kept) and ``video_only`` (waveform zeroed, frames kept). The media
     are decoded once and zeroed in memory, so the three prompts have the same tokens; the video and its audio
-    are given to the model as separate spans (in-memory frames carry no audio track, so the adapter does not
-    interleave them). Each answer is mapped to a label with ``answer_of(text, labels)``.
+    are laid out as the model lays out a video with its own track (interleaved, for Omni models). Each answer
+    is mapped to a label with ``answer_of(text, labels)``.
 
     A clip is audio-dominant when joint == audio_only != video_only, video-dominant when
     joint == video_only != audio_only, with the joint answer a label (not None) in both cases.
@@ -579,7 +579,7 @@ def _generate_texts(adapter: Adapter, samples: list[Sample], max_new_tokens: int
         return {}
     failed: dict[str, InputError] = {}
     try:
-        inputs = adapter.prepare(samples)
+        inputs = adapter.prepare(samples, interleave=True)
     except InputError as e:  # none of the samples could be built
         for s in samples:
             failed.setdefault(s.meta["source_id"], e)
