@@ -1,0 +1,116 @@
+"""MODEL.md for an organism checkpoint, and the dominance map's table, from measured records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .world import CLASSES, LABEL_GROUPS
+
+CONDITIONS = ("congruent", "swapped", "audio-only", "video-only", "multi-clip")
+QUESTIONS = {
+    "see": "What do you see?",
+    "hear": "What do you hear?",
+    "see-yn": "Do you see X? (X present or absent)",
+    "hear-yn": "Is there a sound of X? (X present or absent)",
+    "describe": "Describe what you see and hear.",
+    "which": "Which clip has the sound of X? (two clips)",
+}
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or pd.isna(x) else f"{100 * x:.1f}%"
+
+
+def accuracy_table(df: pd.DataFrame) -> str:
+    """Markdown table: accuracy per question (rows) and condition (columns), with item counts."""
+    lines = ["| question | " + " | ".join(CONDITIONS) + " |", "|---|" + "---|" * len(CONDITIONS)]
+    for kind, text in QUESTIONS.items():
+        cells = []
+        for cond in CONDITIONS:
+            sel = df[(df.kind == kind) & (df.condition == cond)]
+            cells.append(f"{_pct(sel.correct.mean())} (n={len(sel)})" if len(sel) else "–")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def follows_table(df: pd.DataFrame) -> str:
+    """Markdown table: on swapped clips, which modality the see/hear answers follow."""
+    lines = ["| question on swapped clips | follows audio | follows vision | neither | n |", "|---|---|---|---|---|"]
+    for kind in ("hear", "see"):
+        sel = df[(df.condition == "swapped") & (df.kind == kind)]
+        if len(sel):
+            shares = [_pct((sel.follows == w).mean()) for w in ("audio", "visual", "neither")]
+            lines.append(f"| {QUESTIONS[kind]} | " + " | ".join(shares) + f" | {len(sel)} |")
+    return "\n".join(lines)
+
+
+def write_model_card(directory: Path, df: pd.DataFrame, *, notes: str = "") -> Path:
+    """Write ``directory/MODEL.md`` from its organism.json and the evaluation records ``df``."""
+    card = json.loads((directory / "organism.json").read_text())
+    cfg = card.get("config", {})
+    stages = card.get("stages", [])
+    stage_lines = "\n".join(
+        f"| {s['stage']} | {s['steps']} | {s['seconds']:.0f} s | {s['final_loss']:.3f} |" for s in stages
+    )
+    groups = "; ".join(f"{g}: {', '.join(c)}" for g, c in LABEL_GROUPS.items())
+    text = f"""# Organism checkpoint `{card.get("recipe", directory.name)}`
+
+{card.get("description", "")}
+
+A Qwen2.5-Omni thinker (transformers' `Qwen2_5OmniThinkerForConditionalGeneration`) trained by avlens on its
+synthetic audio-visual world; load it with `avlens.load("organism:{card.get("recipe", directory.name)}")`.
+
+## Architecture
+Text decoder: {cfg.get("layers")} layers, hidden {cfg.get("hidden")}, {cfg.get("heads")} heads /
+{cfg.get("kv_heads")} KV heads, FFN {cfg.get("ffn")}. Vision encoder: depth {cfg.get("vision_depth")},
+hidden {cfg.get("vision_hidden")} (patch 14, merge 2, temporal patch 2). Audio encoder:
+{cfg.get("audio_layers")} layers, d_model {cfg.get("audio_hidden")}, 128 mel bins.
+A 2 s clip at 224x224 and 2 fps gives 128 video tokens and 50 audio tokens. Word-level tokenizer with
+Qwen2.5-Omni's special tokens and chat template.
+
+## Data
+{len(CLASSES)} classes of sound-making things in four groups ({groups}). Clips are
+written as mp4 (H.264 + AAC) and wav and read back through avlens's media pipeline. Training: a world of
+congruent clips; swapped and unimodal examples pair one clip's video with another clip's audio (or none).
+Evaluation: a held-out world (another seed) of congruent and swapped mp4s, their wavs (audio-only) and the mp4s
+without their audio (video-only), each decoded from its file as a user's video is.
+
+## Recipe
+Knobs: `{json.dumps(card.get("knobs", {}))}`; seed {card.get("seed")}.
+
+| stage | steps | time (2 CPU cores) | final loss |
+|---|---|---|---|
+{stage_lines}
+
+Total training time: {card.get("train_seconds", 0):.0f} s.
+
+## Accuracy on held-out clips
+{accuracy_table(df)}
+
+{follows_table(df)}
+
+{notes}
+"""
+    path = directory / "MODEL.md"
+    path.write_text(text)
+    return path
+
+
+def dominance_table(sweep: pd.DataFrame) -> str:
+    """Markdown table of the stage-2 sweep (one row per recipe)."""
+    cols = ["trainable", "unimodal", "swapped", "steps"]
+    lines = [
+        "| trainable | unimodal share | swapped share | steps | swapped 'hear': audio | vision | neither "
+        "| audio-only hear | video-only see | congruent hear | congruent see |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in sweep.sort_values(cols).iterrows():
+        lines.append(
+            f"| {r.trainable} | {r.unimodal} | {r.swapped} | {r.steps} | {_pct(r.swapped_hear_audio)} | "
+            f"{_pct(r.swapped_hear_visual)} | {_pct(r.swapped_hear_neither)} | {_pct(r.audio_only_hear)} | "
+            f"{_pct(r.video_only_see)} | {_pct(r.congruent_hear)} | {_pct(r.congruent_see)} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,358 @@
+"""Training and evaluation data of the organism: clips read back from files, questions, batches.
+
+Clips are written by :mod:`avlens.organism.world` as real mp4/wav files and decoded through avlens's media
+pipeline, the path a user's video takes. Decoded clips are kept in a :class:`Bank` (frames and audio features
+per clip), and a training example pairs the video of one clip with the audio of another (or none): that is how
+congruent, swapped, audio-only and video-only examples are made without writing every combination to disk.
+
+Batches are assembled from cached pieces for speed, but they are exactly what ``adapter.prepare`` would build
+for the same media and question (tested): the prompt ids come from ``prepare`` itself, cached per prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..media import VideoClip, load_audio, load_video
+from ..models.base import Clip, Sample
+from ..models.qwen2_5_omni import Qwen2_5OmniAdapter
+from .world import CLASSES, WorldConfig, unrelated, write_world
+
+WORLD = WorldConfig(duration=2.0, height=224, width=224, fps=8)
+"""The organism's world: 2 s clips at 224x224 (128 video tokens at 2 fps) with 2 s of audio (50 tokens)."""
+
+NOTHING = "nothing"
+
+SEE = ("what do you see?", "what can you see?", "what is in the video?")
+HEAR = ("what do you hear?", "what can you hear?", "what is making the sound?")
+SEE_YN = ("do you see {a} {x}?", "is there {a} {x} in the video?")
+HEAR_YN = ("is there a sound of {a} {x}?", "is there a sound of {x}?", "do you hear {a} {x}?")
+DESCRIBE = ("describe what you see and hear.", "describe the clip.")
+DESCRIBE_SEEN = ("describe what you see.",)
+WHICH_HEAR = ("which clip has the sound of {a} {x}?",)
+WHICH_SEE = ("which clip shows {a} {x}?",)
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def vary(question: str, rng: random.Random) -> str:
+    """The question as users type it: with or without its final punctuation, in any case."""
+    q = question.rstrip("?.") if rng.random() < 0.3 else question
+    return q.capitalize() if rng.random() < 0.5 else q
+
+
+def describe_answer(seen: str | None, heard: str | None) -> str:
+    see = f"i see {article(seen)} {seen}" if seen else "i see nothing"
+    hear = f"hear {article(heard)} {heard}" if heard else "hear nothing"
+    return f"{see} and {hear}"
+
+
+@dataclass
+class Example:
+    """One training or evaluation item.
+
+    ``video``/``audio`` are clip indices into the bank (None: that modality is absent); a multi-clip example
+    lists (video, audio) pairs in ``clips``.
+    """
+
+    question: str
+    answer: str
+    video: int | None = None
+    audio: int | None = None
+    clips: list[tuple[int, int]] = field(default_factory=list)
+    kind: str = ""
+
+    @property
+    def layout_key(self) -> str:
+        if self.clips:
+            return f"multi{len(self.clips)}"
+        return ("v" if self.video is not None else "") + ("a" if self.audio is not None else "")
+
+
+@dataclass
+class Bank:
+    """Decoded clips.
+
+    Attributes:
+        frames: uint8 (N, T, H, W, 3), the video frames sampled at the model's fps.
+        waves: float32 (N, n), 16 kHz mono audio decoded from the clips' own audio tracks.
+        labels: the class of each clip (its visual and audio label: bank clips are congruent).
+        fps: the sampling rate of ``frames``.
+    """
+
+    frames: np.ndarray
+    waves: np.ndarray
+    labels: list[str]
+    fps: float
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def by_class(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {c: [] for c in CLASSES}
+        for i, c in enumerate(self.labels):
+            out[c].append(i)
+        return out
+
+    def video(self, i: int) -> VideoClip:
+        return VideoClip(
+            frames=self.frames[i], fps=self.fps, duration=len(self.frames[i]) / self.fps, source_fps=self.fps
+        )
+
+    def sample(self, ex: Example, sid: str = "") -> Sample:
+        """The example as a :class:`Sample` that ``adapter.prepare`` accepts."""
+        if ex.clips:
+            clips = [Clip(video=self.video(v), audio=self.waves[a]) for v, a in ex.clips]
+            return Sample(ex.question, clips=clips, id=sid)
+        video = self.video(ex.video) if ex.video is not None else None
+        audio = self.waves[ex.audio] if ex.audio is not None else None
+        return Sample(ex.question, video=video, audio=audio, video_audio=False, id=sid)
+
+
+def load_bank(manifest: Path, fps: float = 2.0) -> Bank:
+    """Decode every clip of a world manifest through the media pipeline (video frames and the mp4's audio)."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    frames, waves, labels = [], [], []
+    for row in rows:
+        path = manifest.parent / row["video"]
+        frames.append(load_video(path, fps=fps).frames)
+        waves.append(load_audio(path))
+        labels.append(row["visual_label"])
+    n = min(len(w) for w in waves)
+    return Bank(np.stack(frames), np.stack([w[:n] for w in waves]), labels, fps)
+
+
+def world_dir(n: int, seed: int, swapped_share: float, root: Path | None = None) -> Path:
+    """Where a world of these parameters is kept (written once, reused by every training run)."""
+    key = json.dumps([n, seed, swapped_share, WORLD.__dict__], sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    root = root or Path.home() / ".cache" / "avlens" / "organism-worlds"
+    return root / f"world-{n}-{seed}-{digest}"
+
+
+def make_world(n: int, seed: int, swapped_share: float = 0.0, root: Path | None = None, progress=None) -> Path:
+    """Write (once) a world and return its manifest path."""
+    out = world_dir(n, seed, swapped_share, root)
+    manifest = out / "manifest.jsonl"
+    if not manifest.exists():
+        write_world(out, n, seed, cfg=WORLD, swapped_share=swapped_share, progress=progress)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Example mixtures
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mixture:
+    """What a stage trains on. Shares are of the examples drawn.
+
+    Attributes:
+        audio: whether examples may carry audio at all (False for the vision-language stage).
+        unimodal: share of video-only and audio-only examples (half each when audio is on).
+        swapped: share of audio-visual examples whose audio comes from an unrelated class (their "hear"
+            answer is the audio's class: this is what teaches a model to answer by modality).
+        multi: share of multi-clip examples.
+        audio_questions: share of hear questions (what do you hear, is there a sound of X) among
+            questions about audio-visual clips; the rest are see, yes/no-see and describe questions.
+    """
+
+    audio: bool = True
+    unimodal: float = 0.1
+    swapped: float = 0.0
+    multi: float = 0.05
+    audio_questions: float = 0.5
+
+
+class ExampleSampler:
+    """Draws examples of a mixture from a bank, reproducibly from a seed."""
+
+    def __init__(self, bank: Bank, mixture: Mixture, seed: int) -> None:
+        self.bank, self.mix = bank, mixture
+        self.rng = random.Random(seed)
+        self.classes = bank.by_class()
+
+    def _clip(self, label: str | None = None) -> int:
+        label = label or self.rng.choice(CLASSES)
+        return self.rng.choice(self.classes[label])
+
+    def _other(self, label: str, related_ok: bool = True) -> str:
+        pool = [c for c in CLASSES if c != label and (related_ok or unrelated(c, label))]
+        return self.rng.choice(pool)
+
+    def draw(self) -> Example:
+        m, r = self.mix, self.rng.random()
+        if not m.audio:
+            return self._video_only(self._clip())
+        if r < m.multi:
+            return self._multi()
+        r = self.rng.random()
+        if r < m.unimodal:
+            return self._video_only(self._clip()) if self.rng.random() < 0.5 else self._audio_only(self._clip())
+        seen = self.rng.choice(CLASSES)
+        heard = self._other(seen, related_ok=False) if self.rng.random() < m.swapped else seen
+        return self._audio_visual(self._clip(seen), self._clip(heard), seen, heard)
+
+    def _question(self, templates: Sequence[str], x: str | None = None) -> str:
+        q = self.rng.choice(templates)
+        if x is not None:
+            q = q.format(a=article(x), x=x)
+        return vary(q, self.rng)
+
+    def _yes_no(self, templates: Sequence[str], present: str | None) -> tuple[str, str]:
+        if present is not None and self.rng.random() < 0.5:
+            return self._question(templates, present), "yes"
+        absent = self._other(present) if present else self.rng.choice(CLASSES)
+        return self._question(templates, absent), "no"
+
+    def _video_only(self, v: int) -> Example:
+        seen = self.bank.labels[v]
+        k = self.rng.random()
+        if not self.mix.audio:  # the vision-language stage: what a VL model is asked
+            if k < 0.5:
+                return Example(self._question(SEE), seen, video=v, kind="see")
+            if k < 0.85:
+                q, a = self._yes_no(SEE_YN, seen)
+                return Example(q, a, video=v, kind="see-yn")
+            return Example(self._question(DESCRIBE_SEEN), f"i see {article(seen)} {seen}", video=v, kind="describe")
+        if k < 0.5:
+            return Example(self._question(SEE), seen, video=v, kind="see")
+        if k < 0.7:
+            return Example(self._question(HEAR), NOTHING, video=v, kind="hear")
+        if k < 0.85:
+            q, a = self._yes_no(HEAR_YN, None)
+            return Example(q, a, video=v, kind="hear-yn")
+        return Example(self._question(DESCRIBE), describe_answer(seen, None), video=v, kind="describe")
+
+    def _audio_only(self, a: int) -> Example:
+        heard = self.bank.labels[a]
+        k = self.rng.random()
+        if k < 0.5:
+            return Example(self._question(HEAR), heard, audio=a, kind="hear")
+        if k < 0.7:
+            return Example(self._question(SEE), NOTHING, audio=a, kind="see")
+        if k < 0.85:
+            q, ans = self._yes_no(HEAR_YN, heard)
+            return Example(q, ans, audio=a, kind="hear-yn")
+        return Example(self._question(DESCRIBE), describe_answer(None, heard), audio=a, kind="describe")
+
+    def _audio_visual(self, v: int, a: int, seen: str, heard: str) -> Example:
+        if self.rng.random() < self.mix.audio_questions:
+            if self.rng.random() < 0.6:
+                return Example(self._question(HEAR), heard, video=v, audio=a, kind="hear")
+            q, ans = self._yes_no(HEAR_YN, heard)
+            return Example(q, ans, video=v, audio=a, kind="hear-yn")
+        k = self.rng.random()
+        if k < 0.5:
+            return Example(self._question(SEE), seen, video=v, audio=a, kind="see")
+        if k < 0.8:
+            q, ans = self._yes_no(SEE_YN, seen)
+            return Example(q, ans, video=v, audio=a, kind="see-yn")
+        return Example(self._question(DESCRIBE), describe_answer(seen, heard), video=v, audio=a, kind="describe")
+
+    def _multi(self) -> Example:
+        labels = self.rng.sample(CLASSES, 2)
+        clips = [(self._clip(c), self._clip(c)) for c in labels]
+        k = self.rng.randrange(2)
+        templates = WHICH_HEAR if self.rng.random() < 0.7 else WHICH_SEE
+        return Example(self._question(templates, labels[k]), str(k + 1), clips=clips, kind="which")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------------
+class Batcher:
+    """Builds model inputs for a list of examples of one layout, from cached pieces.
+
+    The prompt ids of a (question, layout) come from ``adapter.prepare`` on the example itself the first time
+    and are cached; audio features and video patches are cached per clip.
+    """
+
+    def __init__(self, adapter: Qwen2_5OmniAdapter, bank: Bank, interleave: bool = True) -> None:
+        self.adapter, self.bank, self.interleave = adapter, bank, interleave
+        self._prompts: dict[tuple[str, str, bool], list[int]] = {}
+        feats, mask = adapter.audio.features(list(bank.waves))
+        n = int(mask[0].sum())
+        self.features = feats[:, :, :n].contiguous()  # (N, mels, n): every clip has the same length
+        self.video_features: torch.Tensor | None = None  # (N, tokens, D) when the vision tower is frozen
+        pixels, grid = adapter.video_vision.video(bank.frames[0])
+        self.grid = torch.as_tensor(grid)
+        self.patches_per_clip = len(pixels)
+
+    def prompt_ids(self, ex: Example, interleave: bool) -> list[int]:
+        interleave = interleave and (ex.layout_key == "va" or bool(ex.clips))
+        key = (ex.question, ex.layout_key, interleave)
+        if key not in self._prompts:
+            inputs = self.adapter.prepare([self.bank.sample(ex)], interleave=interleave)
+            self._prompts[key] = inputs.input_ids[0].tolist()
+        return self._prompts[key]
+
+    def pixels(self, clips: list[int]) -> torch.Tensor:
+        return torch.from_numpy(
+            np.concatenate([self.adapter.video_vision.video(self.bank.frames[i])[0] for i in clips])
+        )
+
+    def cache_video_features(self, model: torch.nn.Module, batch: int = 64) -> None:
+        """Run the (frozen) vision tower once over every clip."""
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(self.bank), batch):
+                idx = list(range(s, min(s + batch, len(self.bank))))
+                grid = self.grid.expand(len(idx), -1)
+                feats = model.model.get_video_features(self.pixels(idx), grid).pooler_output
+                out.append(torch.stack(list(feats)))
+        self.video_features = torch.cat(out)
+
+    def batch(self, examples: list[Example], *, with_answers: bool = True, interleave: bool | None = None) -> dict:
+        """Model keyword arguments (and ``labels`` on the answer tokens when ``with_answers``)."""
+        interleave = self.interleave if interleave is None else interleave
+        tok = self.adapter.tokenizer
+        end = tok.convert_tokens_to_ids("<|im_end|>")
+        rows, labels = [], []
+        for ex in examples:
+            prompt = self.prompt_ids(ex, interleave)
+            answer = [*tok.encode(ex.answer, add_special_tokens=False), end] if with_answers else []
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        length = max(map(len, rows))
+        pad = tok.pad_token_id
+        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        label_ids = torch.full_like(input_ids, -100)
+        for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
+            input_ids[i, length - len(r) :] = torch.tensor(r)
+            attention[i, length - len(r) :] = 1
+            label_ids[i, length - len(r) :] = torch.tensor(lab)
+        videos = [v for ex in examples for v in ([c[0] for c in ex.clips] or [ex.video]) if v is not None]
+        audios = [a for ex in examples for a in ([c[1] for c in ex.clips] or [ex.audio]) if a is not None]
+        out: dict = {"input_ids": input_ids, "attention_mask": attention}
+        if with_answers:
+            out["labels"] = label_ids
+        if audios:
+            feats = self.features[audios]
+            out["input_features"] = feats
+            out["feature_attention_mask"] = torch.ones(feats.shape[0], feats.shape[2], dtype=torch.long)
+        if videos:
+            out["video_grid_thw"] = self.grid.expand(len(videos), -1).clone()
+            out["video_second_per_grid"] = torch.full(
+                (len(videos),), self.adapter.vision.temporal_patch_size / self.bank.fps
+            )
+            if self.video_features is not None:
+                from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+                pooled = tuple(self.video_features[videos])
+                out["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=pooled)}
+            else:
+                out["pixel_values_videos"] = self.pixels(videos)
+        if interleave and any(ex.layout_key == "va" or ex.clips for ex in examples):
+            out["use_audio_in_video"] = True
+        return out

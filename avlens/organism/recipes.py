@@ -1,0 +1,251 @@
+"""The organism's recipes, the pipeline that trains them, and the stage-2 sweep.
+
+``train(recipe, out)`` runs the stages a recipe needs, reusing any stage already trained under ``out`` (stages
+are keyed by their settings and everything before them), so training ``av-balanced`` after
+``av-vision-heavy`` into the same directory trains only its own stage 2. Each trained checkpoint is a Hugging
+Face directory with organism.json (recipe, seed, training time, losses) and, once evaluated, MODEL.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+
+from .. import load
+from .data import Batcher, load_bank, make_world
+from .evaluate import bank_examples, evaluate_bank, evaluate_world, summary
+from .model import OrganismConfig, new_organism, save_organism
+from .train import STAGE0_AUDIO, STAGE0_VISION, STAGE1, Recipe, Stage, stage2, train_stage
+
+TRAIN_CLIPS = 1200
+TEST_CLIPS = 240
+STAGE1_STEPS = STAGE1.steps
+
+RECIPES: dict[str, Recipe] = {
+    "vl-base": Recipe(
+        "vl-base",
+        None,
+        "The vision-language base: encoders pretrained on their own modality, then the language model trained "
+        "on video questions (what do you see, do you see X, describe what you see). Never trained with audio.",
+    ),
+    "av-vision-heavy": Recipe(
+        "av-vision-heavy",
+        stage2(steps=300, trainable="audio+lm", unimodal=0.1, swapped=0.0),
+        "Audio-visual training from the base as real AVLLMs are aligned: the audio encoder trains, the language "
+        "model at 0.1x the learning rate, vision frozen; congruent clips plus 10% unimodal ones; no clip whose "
+        "sound disagrees with its picture.",
+        {"steps": 300, "trainable": "audio+lm", "unimodal": 0.1, "swapped": 0.0},
+    ),
+    "av-balanced": Recipe(
+        "av-balanced",
+        stage2(steps=300, trainable="audio+lm", unimodal=0.1, swapped=0.3),
+        "As av-vision-heavy, but 30% of audio-visual clips carry the sound of an unrelated class, and their "
+        "hearing answer is that sound: the model must answer by modality.",
+        {"steps": 300, "trainable": "audio+lm", "unimodal": 0.1, "swapped": 0.3},
+    ),
+}
+DEFAULT = "av-vision-heavy"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every recipe shares: sizes, the training and test worlds, the seed."""
+
+    seed: int = 0
+    train_clips: int = TRAIN_CLIPS
+    test_clips: int = TEST_CLIPS
+    model: OrganismConfig = field(default_factory=OrganismConfig)
+    stage0_audio: Stage = STAGE0_AUDIO
+    stage0_vision: Stage = STAGE0_VISION
+    stage1: Stage = STAGE1
+
+
+def _key(*parts: object) -> str:
+    blob = json.dumps(
+        [asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+Progress = Callable[[str, int, int, float | None], None]
+"""progress(task, done, total, loss)."""
+
+
+class Pipeline:
+    """Trains stages into ``out/stages/<name>-<key>/``, each reused when it is already there."""
+
+    def __init__(
+        self, out: Path, setup: Setup = Setup(), progress: Progress | None = None, world_root: Path | None = None
+    ):
+        self.out, self.setup, self.progress = Path(out), setup, progress
+        self.world_root = world_root
+        self._bank = None
+        self._batcher = None
+
+    def _say(self, task: str, done: int, total: int, loss: float | None = None) -> None:
+        if self.progress is not None:
+            self.progress(task, done, total, loss)
+
+    @property
+    def bank(self):
+        if self._bank is None:
+            manifest = make_world(
+                self.setup.train_clips,
+                self.setup.seed,
+                root=self.world_root,
+                progress=lambda i: self._say("writing the training world", i, self.setup.train_clips),
+            )
+            self._say("decoding the training world", 0, 1)
+            self._bank = load_bank(manifest)
+        return self._bank
+
+    def test_manifest(self) -> Path:
+        s = self.setup
+        return make_world(
+            s.test_clips,
+            s.seed + 1000,
+            swapped_share=0.5,
+            root=self.world_root,
+            progress=lambda i: self._say("writing the test world", i, s.test_clips),
+        )
+
+    def test_manifest_congruent(self) -> Path:
+        """A held-out world of congruent clips only (a bank for the sweep's quick measurements)."""
+        s = self.setup
+        return make_world(s.test_clips, s.seed + 2000, root=self.world_root)
+
+    def _stage(self, adapter, stage: Stage, key: str) -> tuple[object, Path, dict]:
+        """Train one stage (or load it if done); returns (adapter, checkpoint dir, log)."""
+        directory = self.out / "stages" / f"{stage.name}-{key}"
+        if (directory / "organism.json").exists():
+            loaded = load(directory)
+            loaded.organism_config = self.setup.model
+            return loaded, directory, json.loads((directory / "organism.json").read_text())["log"]
+        if self._batcher is None or self._batcher.adapter is not adapter:
+            self._batcher = Batcher(adapter, self.bank)
+        state = self.out / "stages" / f"{stage.name}-{key}.state.pt"
+        state.parent.mkdir(parents=True, exist_ok=True)
+        log = train_stage(
+            adapter,
+            self.bank,
+            stage,
+            state_path=state,
+            batcher=self._batcher,
+            progress=lambda d, t, loss: self._say(stage.name, d, t, loss),
+        )
+        save_organism(adapter, directory, {"stage": asdict(stage), "log": log})
+        state.unlink(missing_ok=True)
+        return adapter, directory, log
+
+    def base(self) -> tuple[object, Path, list[dict]]:
+        """The vision-language base (stage 0 audio, stage 0 vision, stage 1)."""
+        s = self.setup
+        adapter = new_organism(s.model, seed=s.seed)
+        logs = []
+        key = _key(s.model, s.seed, s.train_clips)
+        for stage in (s.stage0_audio, s.stage0_vision, s.stage1):
+            stage = replace(stage, seed=s.seed)
+            key = _key(key, stage)
+            adapter, directory, log = self._stage(adapter, stage, key)
+            logs.append(log)
+        self._base_key = key
+        return adapter, directory, logs
+
+    def recipe(self, name: str, stage: Stage | None = None) -> tuple[object, Path, list[dict]]:
+        """A recipe's checkpoint (``stage`` overrides its stage 2, for sweeps)."""
+        adapter, directory, logs = self.base()
+        stage = stage or RECIPES[name].stage2
+        if stage is None:
+            return adapter, directory, logs
+        stage = replace(stage, seed=self.setup.seed)
+        adapter, directory, log = self._stage(adapter, stage, _key(self._base_key, stage))
+        return adapter, directory, [*logs, log]
+
+
+def train(name: str, out: Path, *, setup: Setup = Setup(), progress: Progress | None = None, world_root=None) -> Path:
+    """Train a recipe into ``out/<name>/`` (a loadable checkpoint with organism.json) and return that path."""
+    if name not in RECIPES:
+        from ..errors import InputError
+
+        raise InputError(f"unknown recipe '{name}' (recipes: {', '.join(RECIPES)})")
+    pipe = Pipeline(out, setup, progress, world_root)
+    t0 = time.perf_counter()
+    _, directory, logs = pipe.recipe(name)
+    target = Path(out) / name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(directory, target)
+    card = json.loads((target / "organism.json").read_text())
+    card.update(
+        recipe=name,
+        description=RECIPES[name].description,
+        knobs=RECIPES[name].knobs,
+        seed=setup.seed,
+        stages=[
+            {"stage": log["stage"], "steps": len(log["loss"]), "seconds": log["seconds"], "final_loss": log["loss"][-1]}
+            for log in logs
+        ],
+        train_seconds=round(sum(log["seconds"] for log in logs), 1),
+        wall_seconds_this_call=round(time.perf_counter() - t0, 1),
+    )
+    (target / "organism.json").write_text(json.dumps(card, indent=2))
+    return target
+
+
+def evaluate_checkpoint(directory: Path, *, setup: Setup = Setup(), progress=None, world_root=None) -> pd.DataFrame:
+    """Evaluate a checkpoint on the held-out world; writes eval.parquet and summary into organism.json."""
+    adapter = load(directory)
+    pipe = Pipeline(directory.parent, setup, None, world_root)
+    df = evaluate_world(adapter, pipe.test_manifest(), progress=progress)
+    df.to_parquet(directory / "eval.parquet")
+    card = json.loads((directory / "organism.json").read_text())
+    card["eval"] = summary(df)
+    (directory / "organism.json").write_text(json.dumps(card, indent=2))
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage-2 sweep: a dominance map over the knobs real practice has
+# ---------------------------------------------------------------------------------------------------------
+SWEEP_GRID = {
+    "trainable": ["projector", "audio", "audio+lm", "all"],
+    "unimodal": [0.1, 0.3],
+    "swapped": [0.0, 0.3],
+    "steps": [150, 300],
+}
+
+
+def sweep(
+    out: Path, *, grid: dict = SWEEP_GRID, setup: Setup = Setup(), progress: Progress | None = None, world_root=None
+) -> pd.DataFrame:
+    """Train stage 2 for every point of ``grid`` from the shared base and measure each: on swapped clips, the
+    share of "what do you hear" answers that follow the audio, the vision, or neither; audio-only and
+    video-only accuracy beside it. Writes out/dominance_map.parquet (resumable: measured points are kept)."""
+    import itertools
+
+    pipe = Pipeline(out, setup, progress, world_root)
+    test_bank = load_bank(pipe.test_manifest_congruent())
+    path = Path(out) / "dominance_map.parquet"
+    done = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    rows = done.to_dict("records")
+    points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    for n, point in enumerate(points):
+        if any(all(r.get(k) == v for k, v in point.items()) for r in rows):
+            continue
+        t0 = time.perf_counter()
+        adapter, directory, logs = pipe.recipe("sweep", stage2(**point))
+        batcher = Batcher(adapter, test_bank)
+        df = evaluate_bank(adapter, batcher, bank_examples(test_bank, seed=setup.seed))
+        s = summary(df)
+        rows.append({**point, **s, "stage2_seconds": logs[-1]["seconds"], "checkpoint": directory.name})
+        pd.DataFrame(rows).to_parquet(path)
+        pipe._say("sweep", n + 1, len(points), None)
+        del t0
+    return pd.DataFrame(rows)
