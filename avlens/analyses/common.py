@@ -1,0 +1,198 @@
+"""What every analysis shares: items (a question about a clip) from a manifest, batches, answer scoring.
+
+An analysis module has a ``Config`` dataclass and three functions:
+
+- ``collect(adapter, items, config) -> dict[table, records]``: the model work on one unit of items (a batch),
+  resumable unit by unit;
+- ``finalize(tables, config) -> dict[table, DataFrame]``: whatever needs all units (fitting probes...);
+  optional, identity by default;
+- ``summarize(tables) -> dict`` (headline figures) and ``plot(tables) -> Figure``.
+
+Items come from a manifest: the output of ``avlens data counterfactual`` (one row per clip and condition, with
+the expected answers), or any manifest with ``video`` / ``audio`` and labels (all rows "factual").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from ..errors import InputError
+from ..models.base import Adapter, Inputs, Sample
+
+NOTHING = "nothing"
+AV_CONDITIONS = ("factual", "swapped", "muted", "blank_video")
+
+
+@dataclass
+class Item:
+    """One question about one clip.
+
+    Attributes:
+        id: unique id (``<row id>/<question kind>``).
+        sample: the media and the prompt.
+        condition: factual, swapped, muted, blank_video, audio_only or video_only.
+        kind: the question's key in the config's questions ("hear", "see", "describe"...).
+        audio_label / visual_label: what is heard / seen (None when nothing is).
+        expected: the right answer to this question (a label or "nothing"; None for free-form questions).
+    """
+
+    id: str
+    sample: Sample
+    condition: str
+    kind: str
+    audio_label: str | None
+    visual_label: str | None
+    expected: str | None
+
+    @property
+    def layout(self) -> str:
+        """Items of one layout can share a batch (an audio-visual clip, audio alone, video alone)."""
+        s = self.sample
+        if s.video is not None and s.video_audio:
+            return "av"
+        return "v" if s.video is not None else "a"
+
+
+def _value(row: Mapping[str, Any], key: str) -> Any:
+    v = row.get(key)
+    return None if v is None or (isinstance(v, float) and v != v) else v
+
+
+def items_from_manifest(
+    manifest: str | Path | pd.DataFrame,
+    questions: Mapping[str, str],
+    *,
+    conditions: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> list[Item]:
+    """Items for every row (of the given conditions) and question.
+
+    Args:
+        manifest: a manifest path (CSV/JSONL/Parquet) or table, paths resolved against its directory.
+        questions: question kind -> prompt, e.g. {"hear": "What do you hear?", "see": "What do you see?"}.
+        conditions: keep these conditions only (rows without a condition column are "factual").
+        limit: at most this many rows per condition (the first ones, in manifest order).
+    """
+    from ..data import read_manifest
+
+    df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest, required=())
+    out: list[Item] = []
+    taken: dict[str, int] = {}
+    for row in df.to_dict("records"):
+        cond = _value(row, "condition") or "factual"
+        if conditions is not None and cond not in conditions:
+            continue
+        if limit is not None and taken.get(cond, 0) >= limit:
+            continue
+        taken[cond] = taken.get(cond, 0) + 1
+        video, audio = _value(row, "video"), _value(row, "audio")
+        heard, seen = _value(row, "audio_label"), _value(row, "visual_label")
+        for kind, prompt in questions.items():
+            if cond == "audio_only" or video is None:
+                sample = Sample(prompt, audio=audio)
+            elif cond == "video_only":
+                sample = Sample(prompt, video=video, video_audio=False)
+            else:  # the video plays its own track, as a user's mp4 does
+                sample = Sample(prompt, video=video)
+            sample.id = f"{row['id']}/{kind}"
+            expected = _value(row, f"expect_{kind}")
+            if expected is None and kind in ("hear", "see"):
+                expected = (heard if kind == "hear" else seen) or NOTHING
+            out.append(Item(sample.id, sample, cond, kind, heard, seen, expected))
+    if not out:
+        raise InputError("the manifest gives no item for these conditions and questions")
+    return out
+
+
+def batches(
+    adapter: Adapter, items: Sequence[Item], batch_size: int, errors: list[dict] | None = None, **options: Any
+) -> Iterator[tuple[list[Item], Inputs]]:
+    """Batches of items of one layout with their inputs; items that cannot be built go to ``errors``
+    (one dict each: id, condition, reason) and the rest of their batch goes on."""
+    by_layout: dict[tuple[str, str], list[Item]] = {}
+    for it in items:
+        by_layout.setdefault((it.layout, it.kind), []).append(it)
+    for group in by_layout.values():
+        for s in range(0, len(group), batch_size):
+            chunk = group[s : s + batch_size]
+            try:
+                inputs = adapter.prepare([it.sample for it in chunk], **options)
+            except InputError as e:
+                inputs = None
+                failed = {e.sample: e} if len(chunk) == 1 else {it.id: e for it in chunk}
+            else:
+                failed = {e.sample: e for e in inputs.errors}
+            for it in chunk:
+                if it.id in failed and errors is not None:
+                    errors.append({"id": it.id, "condition": it.condition, "reason": str(failed[it.id])})
+            if inputs is not None:
+                kept = {s.id for s in inputs.samples}
+                yield [it for it in chunk if it.id in kept], inputs
+
+
+def first_token(adapter: Adapter, word: str) -> int:
+    """The id of a label word's first token as it would start an answer."""
+    ids = adapter.tokenizer.encode(word, add_special_tokens=False)
+    if not ids or ids[0] == adapter.tokenizer.unk_token_id:
+        ids = adapter.word_ids(word)
+    return ids[0]
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+class Scorer(Protocol):
+    """Scores an answer: returns (audio fidelity, video fidelity) in [0, 1] for free-form descriptions."""
+
+    def __call__(self, text: str, item: Item) -> tuple[float, float]: ...
+
+
+def label_match(text: str, item: Item) -> tuple[float, float]:
+    """Default scorer: per modality, 1 if the answer names what is really heard / seen (or says "nothing" when
+    nothing is), else 0."""
+    w = set(words(text))
+    audio = 1.0 if (item.audio_label or NOTHING) in w else 0.0
+    video = 1.0 if (item.visual_label or NOTHING) in w else 0.0
+    return audio, video
+
+
+JUDGE_RUBRIC = """You grade a model's description of a video clip against what is really in it.
+Ground truth: the clip shows {visual}; its sound is {audio}.
+Description: "{text}"
+Give two scores in [0, 1]. Audio fidelity: 1 if the description names the real sound, 0 if it names a wrong or
+hallucinated sound or ignores the sound; partial credit for a vague but compatible sound. Video fidelity: the
+same for what is seen. Penalise hallucinated events. Answer exactly: "audio: <score>, video: <score>"."""
+
+
+@dataclass
+class LLMJudge:
+    """Scores descriptions with a language model judge, P1's metric: ``judge(prompt) -> reply`` is any callable
+    (a local model, an API client); the rubric is part of the config so that runs record it."""
+
+    judge: Callable[[str], str]
+    rubric: str = JUDGE_RUBRIC
+
+    def __call__(self, text: str, item: Item) -> tuple[float, float]:
+        reply = self.judge(
+            self.rubric.format(visual=item.visual_label or "nothing", audio=item.audio_label or "silence", text=text)
+        )
+        m = re.search(r"audio:\s*([01](?:\.\d+)?).*?video:\s*([01](?:\.\d+)?)", reply, re.I | re.S)
+        if m is None:
+            raise InputError(f"the judge's reply has no scores: {reply[:80]!r}", sample=item.id)
+        return float(m.group(1)), float(m.group(2))
+
+
+def follows(text: str, item: Item) -> str:
+    """On a clip whose sound and picture disagree: does a class answer name the audio label, the visual
+    label, or neither (or both)?"""
+    w = set(words(text))
+    a = item.audio_label is not None and item.audio_label in w
+    v = item.visual_label is not None and item.visual_label in w
+    return "audio" if a and not v else "visual" if v and not a else "neither"

@@ -1,0 +1,139 @@
+"""Counterfactual evaluation (P1): does the model hear the sound, or say what it sees?
+
+For every condition (factual, swapped audio, muted, blank video, audio only, video only) and question: the
+answer, whether it is right, and on swapped clips which modality it follows. Headline: the follows-vision
+rate, the share of swapped clips whose hearing answer is the visual label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ..models.base import Adapter
+from ..report import Finding
+from ..trace import generate
+from .common import Item, Scorer, batches, follows, label_match, words
+
+NAME = "counterfactual"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Questions asked of every clip, and how answers are scored.
+
+    ``scorer``: "labels" (label words in the answer) or "judge" (an :class:`~avlens.analyses.common.LLMJudge`
+    given to :func:`collect`; its rubric is recorded in the run's config).
+    """
+
+    questions: dict[str, str] = field(default_factory=lambda: {"hear": "What do you hear?", "see": "What do you see?"})
+    max_new_tokens: int = 8
+    batch_size: int = 32
+    scorer: str = "labels"
+
+
+def collect(adapter: Adapter, items: list[Item], config: Config, scorer: Scorer | None = None) -> dict[str, list[dict]]:
+    """Answers and scores for a unit of items; table ``answers`` (one row per item), ``errors``."""
+    scorer = scorer or label_match
+    rows, errors = [], []
+    for chunk, inputs in batches(adapter, items, config.batch_size, errors):
+        texts = generate(adapter, inputs, max_new_tokens=config.max_new_tokens).text
+        for it, text in zip(chunk, texts, strict=True):
+            audio_fid, video_fid = scorer(text, it)
+            answer_words = words(text)
+            correct = None if it.expected is None else (it.expected in answer_words)
+            rows.append(
+                {
+                    "id": it.id,
+                    "condition": it.condition,
+                    "question": it.kind,
+                    "audio_label": it.audio_label,
+                    "visual_label": it.visual_label,
+                    "expected": it.expected,
+                    "answer": text,
+                    "correct": correct,
+                    "follows": follows(text, it),
+                    "audio_fidelity": audio_fid,
+                    "video_fidelity": video_fid,
+                }
+            )
+    return {"answers": rows, "errors": errors}
+
+
+def accuracy(answers: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per condition (rows) and question (columns)."""
+    return answers.pivot_table(index="condition", columns="question", values="correct", aggfunc="mean")
+
+
+def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
+    a = tables["answers"]
+    out: dict[str, float] = {}
+    for (cond, q), v in a.groupby(["condition", "question"]).correct.mean().items():
+        out[f"{q}_accuracy_{cond}"] = round(float(v), 3)
+    swapped = a[(a.condition == "swapped") & (a.question == "hear")]
+    if len(swapped):
+        out["follows_vision_rate"] = round(float((swapped.follows == "visual").mean()), 3)
+        out["follows_audio_rate"] = round(float((swapped.follows == "audio").mean()), 3)
+    factual = a[(a.condition == "factual") & (a.question == "hear")]
+    if len(factual) and len(swapped):
+        drop = factual.correct.mean() - swapped.correct.mean()
+        out["hear_accuracy_drop_swapped"] = round(float(drop), 3)
+    return out
+
+
+def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
+    """Accuracy by condition for hear and see questions, one panel per model; and what swapped answers follow."""
+    fig = Figure(figsize=(5 * len(tables) + 3, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(tables) + 1, squeeze=False)[0]
+    order = ["factual", "swapped", "muted", "blank_video", "audio_only", "video_only"]
+    for ax, (model, t) in zip(axes, tables.items(), strict=False):
+        acc = accuracy(t["answers"]).reindex([c for c in order if c in set(t["answers"].condition)])
+        x = np.arange(len(acc))
+        for j, q in enumerate(acc.columns):
+            ax.bar(x + 0.4 * j - 0.2, acc[q].values, width=0.4, label=f"'{q}' questions")
+        ax.set_xticks(x, acc.index, rotation=30, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{model}: accuracy")
+        ax.legend(fontsize=8)
+    ax = axes[-1]
+    names = list(tables)
+    shares = []
+    for m in names:
+        a = tables[m]["answers"]
+        sw = a[(a.condition == "swapped") & (a.question == "hear")]
+        shares.append([(sw.follows == f).mean() if len(sw) else np.nan for f in ("audio", "visual", "neither")])
+    shares = np.array(shares)
+    bottom = np.zeros(len(names))
+    for j, (lab, col) in enumerate(zip(("audio", "vision", "neither"), ("#1b9e77", "#d95f02", "#999999"), strict=True)):
+        ax.bar(names, shares[:, j], bottom=bottom, color=col, label=f"follows {lab}")
+        bottom += np.nan_to_num(shares[:, j])
+    ax.set_ylim(0, 1.05)
+    ax.set_title("swapped clips, 'what do you hear?'")
+    ax.legend(fontsize=8)
+    fig.suptitle("Counterfactual evaluation")
+    return fig
+
+
+def findings(summaries: dict[str, dict]) -> list[Finding]:
+    """The organism's counterfactual figures beside P1's."""
+    parts = [
+        f"{m}: follows vision {s.get('follows_vision_rate', float('nan')):.0%}, "
+        f"hear accuracy factual {s.get('hear_accuracy_factual', float('nan')):.0%} vs swapped "
+        f"{s.get('hear_accuracy_swapped', float('nan')):.0%}"
+        for m, s in summaries.items()
+    ]
+    drops = [s.get("hear_accuracy_drop_swapped") for s in summaries.values()]
+    dominated = [s.get("follows_vision_rate", 0) > s.get("follows_audio_rate", 0) for s in summaries.values()]
+    verdict = "agrees" if all(dominated) else "partly" if any(dominated) else "disagrees"
+    return [
+        Finding(
+            "When sound and sight disagree, the answer about the sound follows the picture",
+            "counterfactual clips cut audio performance by up to 56%; 23% counterfactual audio fidelity",
+            "; ".join(parts) + f" (drops: {', '.join(f'{d:.0%}' for d in drops if d is not None)})",
+            verdict,
+            "The organism answers in one word, scored by label; P1 scored free descriptions with an LLM judge.",
+        )
+    ]

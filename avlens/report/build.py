@@ -1,0 +1,101 @@
+"""The HTML report of a run: one section per analysis (its figure, its figures by model, its comparison with
+the paper), opened by an overview of every finding and closed by the run's provenance."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from ..analyses import module
+from .html import Report
+
+TITLES = {
+    "counterfactual": "Counterfactual evaluation: hearing when sound and sight disagree",
+    "probe": "Linear probes: where the audio and visual labels are decodable",
+    "logit_lens": "Logit lens: latent audio understanding",
+    "knockout": "Attention knockout: does blocking vision bring the audio answer back?",
+    "token_shift": "Token-distribution shift against the vision-language base",
+    "attention_share": "Attention share of the answer position",
+}
+
+
+def build_report(
+    path: Path,
+    results: Mapping[str, Mapping[str, dict[str, pd.DataFrame]]],
+    summary: Mapping[str, Mapping[str, dict]],
+    config: dict,
+    meta: dict,
+) -> Path:
+    """Write the report: ``results`` is analysis -> model -> tables, ``summary`` analysis -> model -> figures."""
+    models = list(config["models"])
+    report = Report(
+        "Do audio-visual LLMs really see and hear? — reproduced with avlens",
+        f"Models: {', '.join(f'{k} ({v})' for k, v in config['models'].items())}. "
+        "Each finding is set beside the paper's figure (P1, arXiv 2604.02605, unless noted).",
+    )
+    findings = {name: module(name).findings(summary[name]) for name in results}
+    overview = [f for fs in findings.values() for f in fs]
+    report.add_section(
+        "Overview: where the organism agrees with the paper, and where it does not",
+        _overview_text(summary, models),
+        tables=[_recipe_table(summary)],
+        comparison=overview,
+    )
+    for name, per_model in results.items():
+        mod = module(name)
+        doc = (mod.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        table = pd.DataFrame(summary[name]).T
+        table.index.name = "model"
+        report.add_section(
+            TITLES.get(name, name), doc, figures=[mod.plot(dict(per_model))], tables=[table], comparison=findings[name]
+        )
+    report.add_section(
+        "Provenance",
+        "The run's configuration and the sha256 of every model's weights; results/ holds every record as Parquet.",
+        tables=[
+            pd.DataFrame(
+                {"value": [json.dumps(config, default=str), json.dumps(meta, default=str)]}, index=["config", "meta"]
+            )
+        ],
+    )
+    return report.save(path)
+
+
+def _recipe_table(summary: Mapping[str, Mapping[str, dict]]) -> pd.DataFrame:
+    """One headline figure per analysis (rows) for each model (columns)."""
+    headline = {
+        "counterfactual": "follows_vision_rate",
+        "probe": "best_audio_label_accuracy_last",
+        "logit_lens": "latent_audio_understanding",
+        "knockout": "swapped_follows_audio_after_video_knockout",
+        "token_shift": "unshifted_share",
+        "attention_share": "video_share_late",
+    }
+    rows = {}
+    for name, per_model in summary.items():
+        key = headline.get(name)
+        rows[f"{name}: {key}"] = {m: s.get(key) for m, s in per_model.items()}
+    out = pd.DataFrame(rows).T
+    out.index.name = "headline figure"
+    return out
+
+
+def _overview_text(summary: Mapping[str, Mapping[str, dict]], models: list[str]) -> str:
+    lines = [
+        "The organism is a small Qwen2.5-Omni trained by avlens; its recipes differ only in stage-2 data: "
+        "**vision-heavy** never sees a clip whose sound disagrees with its picture, **balanced** does (30% of "
+        "audio-visual clips), with hearing answers taken from the sound.",
+    ]
+    cf = summary.get("counterfactual", {})
+    for m in models:
+        s = cf.get(m)
+        if s:
+            lines.append(
+                f"- **{m}**: on swapped clips, 'what do you hear?' follows the picture "
+                f"{s.get('follows_vision_rate', float('nan')):.0%} of the time and the sound "
+                f"{s.get('follows_audio_rate', float('nan')):.0%}."
+            )
+    return "\n".join(lines)
