@@ -22,6 +22,10 @@ from .errors import AvlensError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Mechanistic interpretability of audio-visual LLMs.")
 organism_app = typer.Typer(no_args_is_help=True, help="The bundled model organism: its world, training and sweep.")
 app.add_typer(organism_app, name="organism")
+data_app = typer.Typer(
+    no_args_is_help=True, help="Build datasets: counterfactual clips, dominance splits, multi-clip prompts."
+)
+app.add_typer(data_app, name="data")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -113,6 +117,267 @@ def organism_world(
             out, n, seed, swapped_share=swapped_share, progress=lambda i: progress.update(task, completed=i)
         )
     console.print(f"wrote {n} clips; manifest: {manifest}")
+
+
+class _Bars:
+    """Rich progress bars, one per task name, driven by callbacks (task, done, total[, loss])."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=err_console,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _Bars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, task: str, done: int, total: int, loss: float | None = None) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = self.progress.add_task(task, total=total, info="")
+        info = f"loss {loss:.3f}" if loss is not None else ""
+        self.progress.update(self.tasks[task], completed=done, total=total, info=info)
+
+    def simple(self, task: str) -> Callable[[int, int], None]:
+        return lambda done, total: self(task, done, total)
+
+
+@organism_app.command("train")
+@fails_cleanly
+def organism_train(
+    recipe: Annotated[str, typer.Option(help="vl-base, av-vision-heavy or av-balanced.")] = "av-vision-heavy",
+    out: Annotated[Path, typer.Option(help="Directory for stages and the checkpoint (re-run to resume).")] = Path(
+        "organism-runs"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the world, the initialisation and the data order.")] = 0,
+    evaluate: Annotated[bool, typer.Option(help="Evaluate on a held-out world and write MODEL.md.")] = True,
+) -> None:
+    """Train an organism recipe (stage 0 encoders, stage 1 vision-language base, stage 2 audio-visual).
+
+    Stages already trained under --out are reused; an interrupted stage resumes from its last saved step.
+    """
+    from .organism.card import write_model_card
+    from .organism.recipes import Setup, evaluate_checkpoint, train
+
+    setup = Setup(seed=seed)
+    with _Bars() as bars:
+        directory = train(recipe, out, setup=setup, progress=bars)
+        if evaluate:
+            df = evaluate_checkpoint(directory, setup=setup, progress=bars.simple("evaluating"))
+            write_model_card(directory, df)
+    console.print(f"checkpoint: {directory}")
+
+
+@organism_app.command("sweep")
+@fails_cleanly
+def organism_sweep(
+    out: Annotated[
+        Path, typer.Option(help="Directory for the sweep's stages and dominance map (re-run to resume).")
+    ] = Path("organism-sweep"),
+    seed: Annotated[int, typer.Option(help="Seed of the world and the runs.")] = 0,
+) -> None:
+    """Train stage 2 over a grid of knobs (trainable parts, unimodal share, swapped share, length) from one
+    vision-language base, and write the dominance map: for each recipe, the share of swapped clips whose
+    "what do you hear" answer follows the audio, the vision, or neither, with unimodal accuracy beside it."""
+    from .organism.card import dominance_table
+    from .organism.recipes import Setup, sweep
+
+    with _Bars() as bars:
+        table = sweep(out, setup=Setup(seed=seed), progress=bars)
+    (Path(out) / "dominance_map.md").write_text(dominance_table(table) + "\n")
+    console.print(dominance_table(table))
+
+
+@app.command("run")
+@fails_cleanly
+def run_command(
+    name: Annotated[
+        str, typer.Argument(help="counterfactual, probe, logit_lens, knockout, token_shift, attention_share.")
+    ],
+    model: Annotated[str, typer.Option(help="A checkpoint directory, a hub id, or organism[:checkpoint].")],
+    data: Annotated[Path, typer.Option(help="A manifest (e.g. from `avlens data counterfactual`).")],
+    out: Annotated[Path, typer.Option(help="Run directory (re-run to resume; a changed config is refused).")],
+    base: Annotated[str | None, typer.Option(help="token_shift: the vision-language base model.")] = None,
+    question: Annotated[
+        list[str] | None, typer.Option(help="Override the questions: kind=prompt (repeatable).")
+    ] = None,
+) -> None:
+    """Run one analysis on one model over a manifest; records go to OUT/results/*.parquet, figures and
+    headline numbers to OUT/summary.json and OUT/report.html."""
+    from . import load
+    from .analyses import module
+    from .report.build import build_report
+    from .reproduce import default_configs, model_hash, run_analysis
+    from .runs import RunDir
+
+    mod = module(name)
+    config = default_configs().get(name) or mod.Config()
+    if question:
+        from dataclasses import replace
+
+        pairs = dict(q.split("=", 1) for q in question)
+        config = replace(
+            config, **({"questions": pairs} if hasattr(config, "questions") else {"question": pairs.popitem()[1]})
+        )
+    if name == "token_shift" and base is None:
+        raise typer.BadParameter("token_shift needs --base (the vision-language base model)")
+    adapter = load(model)
+    base_adapter = load(base) if base else None
+    from dataclasses import asdict
+
+    run_config = {"analysis": name, "model": model, "base": base, "data": str(data), "config": asdict(config)}
+    meta = {"model_sha256": model_hash(adapter)}
+    with RunDir.open(out, run_config, meta=meta) as run, _Bars() as bars:
+        results = run_analysis(run, name, config, {"model": adapter}, data, base=base_adapter, progress=bars)
+        summary = {name: {"model": mod.summarize(results["model"])}}
+        run.write_json("summary", summary)
+        build_report(
+            Path(out) / "report.html", {name: results}, summary, {"models": {"model": model}, **run_config}, meta
+        )
+        run.consolidate()
+    console.print_json(data=summary)
+
+
+@app.command()
+@fails_cleanly
+def reproduce(
+    out: Annotated[Path, typer.Option(help="Run directory (re-run to resume; a changed config is refused).")] = Path(
+        "avlens-reproduce"
+    ),
+    model: Annotated[
+        list[str] | None, typer.Option(help="label=model to analyse instead of the organism (repeatable).")
+    ] = None,
+    base: Annotated[str | None, typer.Option(help="The vision-language base for token_shift.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="A counterfactual manifest instead of the organism's held-out clips.")
+    ] = None,
+    clips: Annotated[int, typer.Option(help="Held-out organism clips to build the counterfactual set from.")] = 48,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out clips.")] = 0,
+) -> None:
+    """Reproduce "Do audio-visual LLMs really see and hear?" (P1): counterfactual evaluation, probes, logit lens,
+    knockout sweeps, token shift and attention share, by default on the organism's vision-heavy and balanced
+    checkpoints side by side. Writes OUT/report.html, OUT/results/*.parquet, OUT/summary.json, OUT/run.json."""
+    from .reproduce import ORGANISM_BASE
+    from .reproduce import reproduce as run_reproduce
+
+    models = dict(m.split("=", 1) for m in model) if model else None
+    with _Bars() as bars:
+        result = run_reproduce(
+            out,
+            models=models,
+            base=base or (ORGANISM_BASE if models is None else None),
+            data=data,
+            n_clips=clips,
+            seed=seed,
+            progress=bars,
+        )
+    console.print(f"report: {result.report}")
+
+
+def _problems(report: Any) -> None:
+    for p in report.problems:
+        err_console.print(f"skipped {p['id']}: {p.get('file') or ''}: {p['reason']}", markup=False, highlight=False)
+    console.print(f"wrote {report.written} rows ({len(report.problems)} skipped): {report.manifest}")
+
+
+def _groups(groups: Path | None, organism_groups: bool) -> dict | None:
+    if organism_groups:
+        from .organism.world import LABEL_GROUPS
+
+        return {k: list(v) for k, v in LABEL_GROUPS.items()}
+    return json.loads(groups.read_text()) if groups is not None else None
+
+
+@data_app.command("counterfactual")
+@fails_cleanly
+def data_counterfactual(
+    manifest: Annotated[Path, typer.Argument(help="CSV/JSONL/Parquet with video, [audio], audio_label, visual_label.")],
+    out: Annotated[Path, typer.Argument(help="Output directory (clips/ and manifest.jsonl).")],
+    groups: Annotated[
+        Path | None, typer.Option(help='JSON {"group": [labels]}: labels of different groups are unrelated.')
+    ] = None,
+    pairs: Annotated[
+        Path | None, typer.Option(help="JSON [[label, label], ...]: the pairs that count as unrelated.")
+    ] = None,
+    organism_groups: Annotated[bool, typer.Option(help="Use the organism world's label groups.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the swap partners.")] = 0,
+) -> None:
+    """Build counterfactual variants of every clip: factual, swapped audio (from an unrelated label), muted,
+    blank video, audio only, video only; with the expected answers per question. Bad rows are reported."""
+    from .data import counterfactual
+
+    pair_list = [tuple(p) for p in json.loads(pairs.read_text())] if pairs is not None else None
+    with _Bars() as bars:
+        report = counterfactual(
+            manifest,
+            out,
+            groups=_groups(groups, organism_groups),
+            pairs=pair_list,
+            seed=seed,
+            progress=bars.simple("building clips"),
+        )
+    _problems(report)
+
+
+@data_app.command("dominance")
+@fails_cleanly
+def data_dominance(
+    model: Annotated[str, typer.Argument(help="A checkpoint directory, a hub id, or 'organism'.")],
+    manifest: Annotated[Path, typer.Argument(help="Manifest of clips (video, [audio], labels).")],
+    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    question: Annotated[str, typer.Option(help="The question asked of every variant.")],
+    labels: Annotated[str, typer.Option(help="Comma-separated labels the answers are matched against.")],
+    batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
+) -> None:
+    """Split clips into audio-dominant and video-dominant sets by the model's answers on the joint clip, its
+    audio alone (frames zeroed) and its video alone (waveform zeroed), as in P2."""
+    from . import load
+    from .data import dominance
+
+    adapter = load(model)
+    with _Bars() as bars:
+        report = dominance(
+            adapter,
+            manifest,
+            out,
+            question=question,
+            labels=[x.strip() for x in labels.split(",")],
+            batch_size=batch_size,
+            progress=bars.simple("answering"),
+        )
+    _problems(report)
+    console.print(report.counts)
+
+
+@data_app.command("multiclip")
+@fails_cleanly
+def data_multiclip(
+    manifest: Annotated[Path, typer.Argument(help="Manifest of clips.")],
+    out: Annotated[Path, typer.Argument(help="Output directory (manifest.jsonl).")],
+    n_clips: Annotated[int, typer.Option(help="Clips per prompt.")] = 2,
+    n_prompts: Annotated[int | None, typer.Option(help="Number of prompts (default: one per clip).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    question_template: Annotated[str, typer.Option(help="The question; {label} is the target sound.")] = (
+        "Which clip has the sound of {label}?"
+    ),
+) -> None:
+    """Build prompts holding several clips with distinct sounds, each asking which clip has a given sound."""
+    from .data import multiclip
+
+    report = multiclip(
+        manifest, out, n_clips=n_clips, n_prompts=n_prompts, seed=seed, question_template=question_template
+    )
+    _problems(report)
 
 
 def main() -> None:
