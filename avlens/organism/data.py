@@ -171,6 +171,7 @@ class Mixture:
     swapped: float = 0.0
     multi: float = 0.05
     audio_questions: float = 0.5
+    text: bool = False  # text-only examples: the language model's own pretraining (see ExampleSampler._text)
 
 
 class ExampleSampler:
@@ -191,6 +192,8 @@ class ExampleSampler:
 
     def draw(self) -> Example:
         m, r = self.mix, self.rng.random()
+        if m.text:
+            return self._text()
         if not m.audio:
             return self._video_only(self._clip())
         if r < m.multi:
@@ -201,6 +204,40 @@ class ExampleSampler:
         seen = self.rng.choice(CLASSES)
         heard = self._other(seen, related_ok=False) if self.rng.random() < m.swapped else seen
         return self._audio_visual(self._clip(seen), self._clip(heard), seen, heard)
+
+    def _text(self) -> Example:
+        """A text-only example of the skills the audio-visual questions need: find what a context says is seen or
+        heard, answer with it, compare it with a word (yes/no), say "nothing", pick a clip. Media are written as
+        words here ("the video shows a bell"); real AVLLMs bring these skills from their language model."""
+        seen, heard = self.rng.choice(CLASSES), self.rng.choice(CLASSES)
+        has_video, has_audio = self.rng.random() < 0.8, self.rng.random() < 0.8
+        parts = []
+        if has_video:
+            parts.append(f"the video shows {article(seen)} {seen} .")
+        if has_audio:
+            parts.append(f"the sound is {article(heard)} {heard} .")
+        self.rng.shuffle(parts)
+        context = " ".join(parts)
+        seen_or, heard_or = (seen if has_video else None), (heard if has_audio else None)
+        k = self.rng.random()
+        if k < 0.2:
+            return Example(f"{context} {self._question(SEE)}", seen_or or NOTHING, kind="text-see")
+        if k < 0.4:
+            return Example(f"{context} {self._question(HEAR)}", heard_or or NOTHING, kind="text-hear")
+        if k < 0.6:
+            q, a = self._yes_no(SEE_YN, seen_or)
+            return Example(f"{context} {q}", a, kind="text-see-yn")
+        if k < 0.8:
+            q, a = self._yes_no(HEAR_YN, heard_or)
+            return Example(f"{context} {q}", a, kind="text-hear-yn")
+        if k < 0.9:
+            return Example(
+                f"{context} {self._question(DESCRIBE)}", describe_answer(seen_or, heard_or), kind="text-describe"
+            )
+        labels = self.rng.sample(CLASSES, 2)
+        j = self.rng.randrange(2)
+        clips = " ".join(f"clip {i + 1} : the sound is {article(c)} {c} ." for i, c in enumerate(labels))
+        return Example(f"{clips} {self._question(WHICH_HEAR, labels[j])}", str(j + 1), kind="text-which")
 
     def _question(self, templates: Sequence[str], x: str | None = None) -> str:
         q = self.rng.choice(templates)
@@ -218,17 +255,20 @@ class ExampleSampler:
         seen = self.bank.labels[v]
         k = self.rng.random()
         if not self.mix.audio:  # the vision-language stage: what a VL model is asked
-            if k < 0.5:
+            if k < 0.4:
                 return Example(self._question(SEE), seen, video=v, kind="see")
             if k < 0.85:
                 q, a = self._yes_no(SEE_YN, seen)
                 return Example(q, a, video=v, kind="see-yn")
             return Example(self._question(DESCRIBE_SEEN), f"i see {article(seen)} {seen}", video=v, kind="describe")
-        if k < 0.5:
+        if k < 0.45:
             return Example(self._question(SEE), seen, video=v, kind="see")
-        if k < 0.7:
+        if k < 0.65:
+            q, a = self._yes_no(SEE_YN, seen)
+            return Example(q, a, video=v, kind="see-yn")
+        if k < 0.8:
             return Example(self._question(HEAR), NOTHING, video=v, kind="hear")
-        if k < 0.85:
+        if k < 0.9:
             q, a = self._yes_no(HEAR_YN, None)
             return Example(q, a, video=v, kind="hear-yn")
         return Example(self._question(DESCRIBE), describe_answer(seen, None), video=v, kind="describe")
@@ -236,13 +276,13 @@ class ExampleSampler:
     def _audio_only(self, a: int) -> Example:
         heard = self.bank.labels[a]
         k = self.rng.random()
-        if k < 0.5:
+        if k < 0.6:
             return Example(self._question(HEAR), heard, audio=a, kind="hear")
-        if k < 0.7:
-            return Example(self._question(SEE), NOTHING, audio=a, kind="see")
         if k < 0.85:
             q, ans = self._yes_no(HEAR_YN, heard)
             return Example(q, ans, audio=a, kind="hear-yn")
+        if k < 0.95:
+            return Example(self._question(SEE), NOTHING, audio=a, kind="see")
         return Example(self._question(DESCRIBE), describe_answer(None, heard), audio=a, kind="describe")
 
     def _audio_visual(self, v: int, a: int, seen: str, heard: str) -> Example:

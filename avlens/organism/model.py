@@ -24,16 +24,17 @@ class OrganismConfig:
     """Sizes of the organism. Video tokens outnumber audio tokens (128 vs 50 for a 2 s clip at 224x224, 2 fps),
     as in real AVLLMs."""
 
-    layers: int = 6
-    hidden: int = 128
-    heads: int = 4
-    kv_heads: int = 2
-    ffn: int = 384
+    layers: int = 4
+    hidden: int = 256
+    heads: int = 8
+    kv_heads: int = 4
+    ffn: int = 768
     vision_hidden: int = 64
     vision_depth: int = 2
     audio_hidden: int = 64
     audio_layers: int = 2
     frame_size: int = 224
+    tie_embeddings: bool = True  # as Qwen2.5's small models (0.5B-3B): the answer words' rows are the input rows
     audio_seconds: int = 10  # the feature extractor's padding length (longer user audio is cut)
 
 
@@ -90,7 +91,7 @@ def new_organism(config: OrganismConfig = OrganismConfig(), seed: int = 0) -> Qw
                 "rope_theta": 10000.0,
                 "mrope_section": [head_dim // 2 - 2 * spatial, spatial, spatial],
             },
-            tie_word_embeddings=False,
+            tie_word_embeddings=config.tie_embeddings,
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -121,6 +122,7 @@ def new_organism(config: OrganismConfig = OrganismConfig(), seed: int = 0) -> Qw
         video_token_index=ids["video"],
         audio_start_token_id=ids["audio_start"],
         audio_end_token_id=ids["audio_end"],
+        tie_word_embeddings=config.tie_embeddings,
     )
     thinker.vision_start_token_id = ids["vision_start"]
     thinker.vision_end_token_id = ids["vision_end"]

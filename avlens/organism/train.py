@@ -86,12 +86,13 @@ def stage2(
         "all": {"audio": 1.0, "vision": 1.0, "lm": 1.0},
     }[trainable]
     mix = Mixture(audio=True, unimodal=unimodal, swapped=swapped, multi=0.05, audio_questions=audio_questions)
-    return Stage("stage2", steps, train, mix, seed=seed)
+    return Stage("stage2", steps, train, mix, lr=1e-3, seed=seed)
 
 
+STAGE0_TEXT = Stage("stage0-text", 500, {"lm": 1.0}, Mixture(text=True), lr=1e-3, batch=64)
 STAGE0_AUDIO = Stage("stage0-audio", 150, {"audio": 1.0}, modality="audio", lr=3e-3)
 STAGE0_VISION = Stage("stage0-vision", 150, {"vision": 1.0}, modality="vision", lr=3e-3)
-STAGE1 = Stage("stage1", 600, {"lm": 1.0}, Mixture(audio=False, unimodal=0.0, multi=0.0))
+STAGE1 = Stage("stage1", 300, {"lm": 1.0}, Mixture(audio=False, unimodal=0.0, multi=0.0), lr=1e-3)
 
 
 def parameters(model: nn.Module, part: str) -> list[nn.Parameter]:
@@ -103,20 +104,28 @@ def parameters(model: nn.Module, part: str) -> list[nn.Parameter]:
         return list(inner.audio_tower.parameters())
     if part == "vision":
         return list(inner.visual.parameters())
-    if part == "lm":
-        return [*inner.language_model.parameters(), *model.lm_head.parameters()]
+    if part == "lm":  # (with tied embeddings the head's weight is the embedding: list it once)
+        return list(dict.fromkeys([*inner.language_model.parameters(), *model.lm_head.parameters()]))
     raise ValueError(f"unknown part '{part}' (parts: {', '.join(PARTS)})")
 
 
 class _Head(nn.Module):
-    """Stage 0's classifier on the mean of an encoder's output tokens (discarded after the stage)."""
+    """Stage 0's classifier: the mean of an encoder's output tokens against fixed class codes, by cosine
+    similarity.
 
-    def __init__(self, dim: int) -> None:
+    The vision encoder is aligned with the language model's own input embeddings of the class names (the
+    vision-language base is a strong, aligned VLM). The audio encoder is aligned with codes of its own (a random
+    orthogonal set), like a speech/audio encoder pretrained outside the LLM: audio-visual training must learn to
+    map it to the language model's space, which is where thin audio supervision can bite."""
+
+    def __init__(self, words: torch.Tensor, temperature: float = 0.1) -> None:
         super().__init__()
-        self.linear = nn.Linear(dim, len(CLASSES))
+        self.register_buffer("words", nn.functional.normalize(words.detach().clone(), dim=-1))  # (classes, D)
+        self.temperature = temperature
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.linear(tokens.mean(1))
+        pooled = nn.functional.normalize(tokens.mean(1), dim=-1)  # (B, D)
+        return pooled @ self.words.T / self.temperature
 
 
 def _encode(adapter: Qwen2_5OmniAdapter, batcher: Batcher, modality: str, clips: list[int]) -> torch.Tensor:
@@ -147,11 +156,12 @@ def train_stage(
     state_path: Path | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     batcher: Batcher | None = None,
+    save_every: int = 50,
 ) -> dict:
     """Train one stage in place; returns its log (losses, seconds).
 
     If ``state_path`` holds the state of an interrupted run of this stage, training continues from it, and the
-    state is saved there every 50 steps.
+    state is saved there every ``save_every`` steps.
     """
     model = adapter.model
     torch.manual_seed(stage.seed)
@@ -164,8 +174,12 @@ def train_stage(
         groups.append({"params": params, "lr": stage.lr * mult, "base": stage.lr * mult})
     head = None
     if stage.mixture is None:
-        head = _Head(adapter.hidden_size)
-        groups.append({"params": list(head.parameters()), "lr": stage.lr, "base": stage.lr})
+        if stage.modality == "vision":
+            codes = adapter.embed_tokens.weight[[adapter.tokenizer.convert_tokens_to_ids(c) for c in CLASSES]]
+        else:
+            generator = torch.Generator().manual_seed(stage.seed + 12345)
+            codes = torch.linalg.qr(torch.randn(adapter.hidden_size, len(CLASSES), generator=generator))[0].T
+        head = _Head(codes)
     optim = torch.optim.AdamW(groups, weight_decay=0.01)
     batcher = batcher or Batcher(adapter, bank)
     frozen_vision = "vision" not in stage.train and stage.modality != "vision"
@@ -203,11 +217,11 @@ def train_stage(
         optim.step()
         loss = float(loss.detach())
         log["loss"].append(round(loss, 5))
-        if progress is not None:
-            progress(step + 1, stage.steps, loss)
-        if state_path is not None and ((step + 1) % 50 == 0 or step + 1 == stage.steps):
+        if state_path is not None and ((step + 1) % save_every == 0 or step + 1 == stage.steps):
             log["seconds"] = time.perf_counter() - t0
             _save_state(state_path, model, optim, head, sampler, rng, step + 1, log)
+        if progress is not None:
+            progress(step + 1, stage.steps, loss)
     model.eval()
     model.requires_grad_(False)
     log["seconds"] = round(time.perf_counter() - t0, 1)
