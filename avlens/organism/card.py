@@ -16,6 +16,7 @@ QUESTIONS = {
     "see-yn": "Do you see X? (X present or absent)",
     "hear-yn": "Is there a sound of X? (X present or absent)",
     "describe": "Describe what you see and hear.",
+    "describe-seen": "Describe what you see.",
     "which": "Which clip has the sound of X? (two clips)",
 }
 

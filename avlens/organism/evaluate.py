@@ -74,6 +74,8 @@ def records(items: list[Item], answers: list[str]) -> pd.DataFrame:
     for it, ans in zip(items, answers, strict=True):
         if it.kind == "describe":
             correct = _describe_ok(ans, it.visual_label, it.audio_label)
+        elif it.kind == "describe-seen":
+            correct = f"see {article(it.visual_label)} {it.visual_label}" in ans.lower()
         else:
             correct = ans.strip().lower() == it.expected
         rows.append(
@@ -98,7 +100,7 @@ def answer(adapter, items: list[Item], batch_size: int = 32, progress=None) -> l
     out: dict[int, str] = {}
     groups: dict[tuple, list[int]] = {}
     for i, it in enumerate(items):
-        layout = (it.kind == "describe", it.interleave, it.condition, len(it.sample.all_clips()))
+        layout = (it.kind.startswith("describe"), it.interleave, it.condition, len(it.sample.all_clips()))
         groups.setdefault(layout, []).append(i)
     done = 0
     for (describe, interleave, _, _), idx in groups.items():
@@ -140,7 +142,7 @@ def summary(df: pd.DataFrame) -> dict:
         "swapped_see_visual": share("swapped", "see", "visual"),
         "swapped_see_audio": share("swapped", "see", "audio"),
     }
-    out["video_only_describe"] = acc("video-only", "describe")
+    out["video_only_describe"] = acc("video-only", "describe-seen")
     for cond, kind in (
         ("congruent", "see-yn"),
         ("congruent", "hear-yn"),
@@ -190,7 +192,7 @@ def world_items(
             )
             if describe:  # the vision-language base's own description question
                 q = Sample(DESCRIBE_SEEN[0], video=video, video_audio=False, id=rid)
-                items.append(Item(q, "video-only", "describe", "", None, v))
+                items.append(Item(q, "video-only", "describe-seen", "", None, v))
             if yes_no:
                 present = rng.random() < 0.5
                 x = v if present else rng.choice([c for c in CLASSES if c != v])

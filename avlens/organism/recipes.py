@@ -22,7 +22,7 @@ from .. import load
 from .data import Batcher, load_bank, make_world
 from .evaluate import bank_examples, evaluate_bank, evaluate_world, summary
 from .model import OrganismConfig, new_organism, save_organism
-from .train import STAGE0_AUDIO, STAGE0_VISION, STAGE1, Recipe, Stage, stage2, train_stage
+from .train import STAGE0_AUDIO, STAGE0_TEXT, STAGE0_VISION, STAGE1, Recipe, Stage, stage2, train_stage
 
 TRAIN_CLIPS = 1200
 TEST_CLIPS = 240
@@ -62,6 +62,7 @@ class Setup:
     train_clips: int = TRAIN_CLIPS
     test_clips: int = TEST_CLIPS
     model: OrganismConfig = field(default_factory=OrganismConfig)
+    stage0_text: Stage = STAGE0_TEXT
     stage0_audio: Stage = STAGE0_AUDIO
     stage0_vision: Stage = STAGE0_VISION
     stage1: Stage = STAGE1
@@ -150,7 +151,7 @@ class Pipeline:
         adapter = new_organism(s.model, seed=s.seed)
         logs = []
         key = _key(s.model, s.seed, s.train_clips)
-        for stage in (s.stage0_audio, s.stage0_vision, s.stage1):
+        for stage in (s.stage0_text, s.stage0_audio, s.stage0_vision, s.stage1):
             stage = replace(stage, seed=s.seed)
             key = _key(key, stage)
             adapter, directory, log = self._stage(adapter, stage, key)
@@ -182,6 +183,7 @@ def train(name: str, out: Path, *, setup: Setup = Setup(), progress: Progress | 
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(directory, target)
+    _store_half(target)
     card = json.loads((target / "organism.json").read_text())
     card.update(
         recipe=name,
@@ -197,6 +199,19 @@ def train(name: str, out: Path, *, setup: Setup = Setup(), progress: Progress | 
     )
     (target / "organism.json").write_text(json.dumps(card, indent=2))
     return target
+
+
+def _store_half(directory: Path) -> None:
+    """Store a finished checkpoint's weights in float16 (half the size; avlens loads them as float32 on CPU).
+    Stage checkpoints stay float32, so later stages continue from exact weights."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+    save_file(weights, path, metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["dtype"] = "float16"
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def evaluate_checkpoint(directory: Path, *, setup: Setup = Setup(), progress=None, world_root=None) -> pd.DataFrame:
