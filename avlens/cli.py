@@ -216,7 +216,7 @@ def run_command(
     headline numbers to OUT/summary.json and OUT/report.html."""
     from . import load
     from .analyses import module
-    from .report.build import build_report
+    from .report.build import build_report, headlines
     from .reproduce import default_configs, model_hash, run_analysis
     from .runs import RunDir
 
@@ -240,7 +240,7 @@ def run_command(
     with RunDir.open(out, run_config, meta=meta) as run, _Bars() as bars:
         results = run_analysis(run, name, config, {"model": adapter}, data, base=base_adapter, progress=bars)
         summary = {name: {"model": mod.summarize(results["model"])}}
-        run.write_json("summary", summary)
+        run.write_json("summary", {"headline": headlines(summary), "details": summary})
         build_report(
             Path(out) / "report.html", {name: results}, summary, {"models": {"model": model}, **run_config}, meta
         )

@@ -33,7 +33,7 @@ def default_configs() -> dict[str, Any]:
     both = ("factual", "swapped")
     return {
         "counterfactual": counterfactual.Config(questions={"hear": HEAR, "see": SEE}, max_new_tokens=4),
-        "probe": probe.Config(questions={"hear": HEAR}, conditions=both),
+        "probe": probe.Config(questions={"hear": HEAR}, conditions=both, folds=4),  # 4 clips per class
         "logit_lens": logit_lens.Config(questions={"hear": HEAR}, conditions=both),
         "knockout": knockout.Config(questions={"hear": HEAR}, conditions=both, window=2),
         "token_shift": token_shift.Config(conditions=both),
@@ -82,7 +82,7 @@ def run_analysis(
                 run.write_many(unit, _collect(mod, adapter, unit_items, config, base, label))
             if progress is not None:
                 progress(task, j + 1, len(units))
-        tables = {t: _rows_of(run.table(t), name, label) for t in _tables_of(run, name)}
+        tables = {t: _rows_of(run.table(f"{name}.{t}"), name, label) for t in _tables_of(run, name)}
         if hasattr(mod, "finalize"):
             tables.update(mod.finalize(tables, config))
         out[label] = tables
@@ -164,9 +164,9 @@ def reproduce(
         summary = {
             name: {label: module(name).summarize(t) for label, t in per.items()} for name, per in results.items()
         }
-        run.write_json("summary", summary)
-        from .report.build import build_report
+        from .report.build import build_report, headlines
 
+        run.write_json("summary", {"headline": headlines(summary), "details": summary})
         report = build_report(Path(out) / "report.html", results, summary, config, meta)
         run.consolidate()
     return ReproduceResult(Path(out), summary, report)

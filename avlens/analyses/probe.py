@@ -143,7 +143,7 @@ def finalize(tables: dict[str, pd.DataFrame], config: Config) -> dict[str, pd.Da
                         "dropped": dropped,
                     }
                 )
-    return {**tables, "probes": pd.DataFrame(out)}
+    return {**tables, "probes": pd.DataFrame(out, columns=PROBE_COLUMNS)}
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
@@ -164,11 +164,14 @@ def cross_validate(x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, fl
 
 
 KEYS = ["question", "condition", "site", "target"]
+PROBE_COLUMNS = [*KEYS[:3], "layer", "target", "control", "accuracy", "ci_low", "ci_high", "fold_std", "chance"]
+PROBE_COLUMNS += ["majority", "n", "n_classes", "dropped"]
 
 
 def against_control(probes: pd.DataFrame) -> pd.DataFrame:
     """The real probes (one row per question, condition, site, target and layer) with the shuffled control's
     accuracy at the same layer and ``decodable``: the 95% lower bound is above both the control and chance."""
+    probes = probes.astype({"control": bool})
     real = probes[~probes.control].set_index([*KEYS, "layer"])
     control = probes[probes.control].set_index([*KEYS, "layer"]).accuracy
     real["control_accuracy"] = control.reindex(real.index).to_numpy()
@@ -200,6 +203,10 @@ def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
 def plot(tables: dict[str, dict[str, pd.DataFrame]], condition: str = "swapped") -> Figure:
     """Probe accuracy vs layer: one row per site, one column per model; audio label and visual label (with their
     95% intervals), shuffled controls dashed, chance dotted. Shows ``condition`` (else each model's first)."""
+    if all(t["probes"].empty for t in tables.values()):
+        fig = Figure(figsize=(6, 1.2))
+        fig.text(0.5, 0.5, "No probe was fitted: fewer items per class than cross-validation folds.", ha="center")
+        return fig
     sites = [s for s in SITES if any(s in set(t["probes"].site) for t in tables.values())]
     fig = Figure(figsize=(4.5 * len(tables), 2.8 * len(sites)), layout="constrained")
     axes = fig.subplots(len(sites), len(tables), squeeze=False, sharey=True)

@@ -22,6 +22,25 @@ TITLES = {
 }
 
 
+HEADLINES = {
+    "counterfactual": "follows_vision_rate",
+    "probe": "hear/swapped/last/audio_label/accuracy",
+    "logit_lens": "latent_audio_understanding",
+    "knockout": "swapped_follows_audio_after_video_knockout",
+    "token_shift": "audio_unshifted_share",
+    "attention_share": "video_share_late",
+}
+"""The one figure per analysis that summary.json and the overview lead with."""
+
+
+def headlines(summary: Mapping[str, Mapping[str, dict]]) -> dict[str, dict]:
+    """analysis -> {"figure": its headline key, "models": model -> value} (for summary.json)."""
+    return {
+        name: {"figure": HEADLINES[name], "models": {m: s.get(HEADLINES[name]) for m, s in per.items()}}
+        for name, per in summary.items()
+    }
+
+
 def build_report(
     path: Path,
     results: Mapping[str, Mapping[str, dict[str, pd.DataFrame]]],
@@ -66,17 +85,9 @@ def build_report(
 
 def _recipe_table(summary: Mapping[str, Mapping[str, dict]]) -> pd.DataFrame:
     """One headline figure per analysis (rows) for each model (columns)."""
-    headline = {
-        "counterfactual": "follows_vision_rate",
-        "probe": "best_audio_label_accuracy_last",
-        "logit_lens": "latent_audio_understanding",
-        "knockout": "swapped_follows_audio_after_video_knockout",
-        "token_shift": "unshifted_share",
-        "attention_share": "video_share_late",
-    }
     rows = {}
     for name, per_model in summary.items():
-        key = headline.get(name)
+        key = HEADLINES[name]
         rows[f"{name}: {key}"] = {m: s.get(key) for m, s in per_model.items()}
     out = pd.DataFrame(rows).T
     out.index.name = "headline figure"
