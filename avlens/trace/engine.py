@@ -155,7 +155,8 @@ def generate(
     b = inputs.batch_size
     fwd = _Forward(adapter, emb, layout, torch.arange(b), [list(interventions)] * b, capture, attn, "last")
     fwd.prefill(0, 0, None)
-    eos = torch.tensor(adapter.eos_ids)
+    eos_ids = adapter.eos_ids
+    eos = torch.tensor(eos_ids)
     tokens = torch.full((b, max_new_tokens), -1, dtype=torch.long)
     step_logits = []
     done = torch.zeros(b, dtype=torch.bool)
@@ -173,9 +174,7 @@ def generate(
     trace.logits = step_logits[0]
     trace.tokens = tokens[:, :n_gen]
     trace.step_logits = torch.stack(step_logits[:n_gen], 1)
-    trace.text = [
-        adapter.decode([i for i in row.tolist() if i >= 0 and i not in adapter.eos_ids]) for row in trace.tokens
-    ]
+    trace.text = [adapter.decode([i for i in row.tolist() if i >= 0 and i not in eos_ids]) for row in trace.tokens]
     return trace
 
 

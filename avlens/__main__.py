@@ -1,0 +1,5 @@
+"""``python -m avlens`` is the ``avlens`` command."""
+
+from .cli import main
+
+main()
