@@ -50,7 +50,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 255, (12, 224, 224, 3), dtype=np.uint8)
     audio = (0.1 * rng.standard_normal(16000 * 6)).astype(np.float32)
-    inputs = adapter.prepare([Sample("what do you hear?", video=frames, audio=audio)], interleave=True, video_max_pixels=224 * 224)
+    inputs = adapter.prepare(
+        [Sample("what do you hear?", video=frames, audio=audio)], interleave=True, video_max_pixels=224 * 224
+    )
     model, kwargs = adapter.model, adapter.model_inputs(inputs)
     n = adapter.n_layers
 
@@ -69,11 +71,15 @@ def main() -> None:
     eight = {f"last->video {w[0]}": [Knockout("last", "video", layers=w)] for w in windows}
     eight |= {f"video->audio {w[0]}": [Knockout("video", "audio", layers=w)] for w in windows}
     t_eight = timed(lambda: run_conditions(adapter, inputs, eight), args.repeats)
-    t_eight_papers = timed(lambda: [knockout_logits(adapter, inputs, c) for c in eight.values()], max(1, args.repeats // 3))
+    t_eight_papers = timed(
+        lambda: [knockout_logits(adapter, inputs, c) for c in eight.values()], max(1, args.repeats // 3)
+    )
 
     sweep = {f"last->{g} {i}": [Knockout("last", g, layers=[i])] for g in ("video", "audio") for i in range(n)}
     t_sweep = timed(lambda: run_conditions(adapter, inputs, sweep), args.repeats)
-    t_sweep_papers = timed(lambda: [knockout_logits(adapter, inputs, c) for c in sweep.values()], max(1, args.repeats // 3))
+    t_sweep_papers = timed(
+        lambda: [knockout_logits(adapter, inputs, c) for c in sweep.values()], max(1, args.repeats // 3)
+    )
 
     t_nnsight = nnsight_capture(adapter, kwargs, args.repeats)
 

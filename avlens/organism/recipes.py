@@ -230,11 +230,14 @@ def evaluate_checkpoint(directory: Path, *, setup: Setup = Setup(), progress=Non
 # The stage-2 sweep: a dominance map over the knobs real practice has
 # ---------------------------------------------------------------------------------------------------------
 SWEEP_GRID = {
-    "trainable": ["projector", "audio", "audio+lm", "all"],
+    "trainable": ["projector", "audio+lm", "audio+lm-full", "all"],
     "unimodal": [0.1, 0.3],
     "swapped": [0.0, 0.3],
-    "steps": [150, 300],
+    "steps": [300],
 }
+"""The knobs real practice has: which parts train in audio-visual training, the share of unimodal clips, the
+share of clips whose sound disagrees with the picture (answered from the sound), and the length (300 steps =
+the vision-language stage's length)."""
 
 
 def sweep(

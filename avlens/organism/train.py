@@ -77,12 +77,14 @@ def stage2(
     """A stage-2 (audio-visual) stage from its knobs.
 
     ``trainable``: "projector" (audio projector only), "audio" (the audio encoder), "audio+lm" (the audio
-    encoder, and the language model at ``lm_lr`` times the learning rate), "all" (everything, full rate).
+    encoder, and the language model at ``lm_lr`` times the learning rate), "audio+lm-full" (the audio encoder and
+    the language model at the full rate), "all" (everything, the vision encoder too, full rate).
     """
     train = {
         "projector": {"audio_proj": 1.0},
         "audio": {"audio": 1.0},
         "audio+lm": {"audio": 1.0, "lm": lm_lr},
+        "audio+lm-full": {"audio": 1.0, "lm": 1.0},
         "all": {"audio": 1.0, "vision": 1.0, "lm": 1.0},
     }[trainable]
     mix = Mixture(audio=True, unimodal=unimodal, swapped=swapped, multi=0.05, audio_questions=audio_questions)
@@ -243,7 +245,8 @@ def _lm_step(model: nn.Module, batcher: Batcher, examples: list[Example], rng: r
     for batch, labels in batches:
         logits = model(**batch, use_cache=False).logits[:, :-1]
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
-        (loss / total).backward()
+        if loss.requires_grad:  # (a video-only group has nothing to train when only the audio side trains)
+            (loss / total).backward()
         loss_sum = loss_sum + loss.detach()
     return loss_sum / total
 

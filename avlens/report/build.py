@@ -59,15 +59,15 @@ def build_report(
     overview = [f for fs in findings.values() for f in fs]
     report.add_section(
         "Overview: where the organism agrees with the paper, and where it does not",
-        _overview_text(summary, models),
+        _overview_text(summary, models, overview),
         tables=[_recipe_table(summary)],
         comparison=overview,
     )
     for name, per_model in results.items():
         mod = module(name)
         doc = (mod.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-        table = pd.DataFrame(summary[name]).T
-        table.index.name = "model"
+        table = pd.DataFrame(summary[name])
+        table.index.name = "figure"
         report.add_section(
             TITLES.get(name, name), doc, figures=[mod.plot(dict(per_model))], tables=[table], comparison=findings[name]
         )
@@ -94,19 +94,30 @@ def _recipe_table(summary: Mapping[str, Mapping[str, dict]]) -> pd.DataFrame:
     return out
 
 
-def _overview_text(summary: Mapping[str, Mapping[str, dict]], models: list[str]) -> str:
+def _overview_text(summary: Mapping[str, Mapping[str, dict]], models: list[str], findings: list) -> str:
+    """Plain sentences: which findings hold on these models, which do not, and how the models differ."""
+    blocks = []
+    if any(m in ("vision-heavy", "balanced") for m in models):
+        blocks.append(
+            "The organism is a small Qwen2.5-Omni trained by avlens; its two recipes differ only in stage-2 data: "
+            "**vision-heavy** never sees a clip whose sound disagrees with its picture, **balanced** does (30% of "
+            "audio-visual clips), with the hearing answer taken from the sound."
+        )
+    for verdict, title in (
+        ("agrees", "Agrees with the paper"),
+        ("partly", "Partly agrees"),
+        ("disagrees", "Does not agree"),
+    ):
+        chosen = [f for f in findings if f.verdict == verdict]
+        if chosen:
+            blocks.append(f"**{title}:**\n" + "\n".join(f"- {f.claim} — measured: {f.measured}" for f in chosen))
     lines = [
-        "The organism is a small Qwen2.5-Omni trained by avlens; its recipes differ only in stage-2 data: "
-        "**vision-heavy** never sees a clip whose sound disagrees with its picture, **balanced** does (30% of "
-        "audio-visual clips), with hearing answers taken from the sound.",
+        f"- {name} ({HEADLINES[name]}): " + ", ".join(f"{m} {_fmt(s.get(HEADLINES[name]))}" for m, s in per.items())
+        for name, per in summary.items()
     ]
-    cf = summary.get("counterfactual", {})
-    for m in models:
-        s = cf.get(m)
-        if s:
-            lines.append(
-                f"- **{m}**: on swapped clips, 'what do you hear?' follows the picture "
-                f"{s.get('follows_vision_rate', float('nan')):.0%} of the time and the sound "
-                f"{s.get('follows_audio_rate', float('nan')):.0%}."
-            )
-    return "\n".join(lines)
+    blocks.append("**How the models differ** (one headline figure per analysis):\n" + "\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)

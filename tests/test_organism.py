@@ -1,0 +1,151 @@
+"""The organism: its tokenizer, its batches (equal to prepare), training lowers the loss, the shipped checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import avlens
+from avlens.organism.data import WORLD, Batcher, ExampleSampler, Mixture, load_bank, make_world
+from avlens.organism.model import OrganismConfig, new_organism
+from avlens.organism.train import Stage, stage2, train_stage
+from avlens.organism.world import CLASSES
+
+SMALL = OrganismConfig(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vision_depth=1, audio_layers=1)
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    return load_bank(make_world(24, 3, root=tmp_path_factory.mktemp("worlds")))
+
+
+def test_bank_is_read_from_files(bank):
+    assert bank.frames.shape == (24, 4, WORLD.height, WORLD.width, 3)  # 2 s at 2 fps
+    assert bank.waves.shape[0] == 24 and abs(bank.waves.shape[1] - 32000) < 2000
+    assert sorted(set(bank.labels)) == sorted(CLASSES)
+
+
+def test_tokenizer_understands_questions_as_users_type_them():
+    adapter = new_organism(SMALL)
+    tok = adapter.tokenizer
+    for a, b in (
+        ("What do you see?", "what do you see"),
+        ("Is there a sound of a BELL?", "is there a sound of a bell"),
+    ):
+        assert tok.encode(a, add_special_tokens=False)[: len(tok.encode(b, add_special_tokens=False))] == tok.encode(
+            b, add_special_tokens=False
+        )
+    for q in (
+        "What do you see?",
+        "What do you hear?",
+        "Is there a sound of drum?",
+        "Do you see a gong?",
+        "Describe what you see and hear.",
+    ):
+        assert tok.unk_token_id not in tok.encode(q, add_special_tokens=False), q
+    with pytest.warns(UserWarning, match="vocabulary: zebra"):
+        adapter.prepare([avlens.Sample("is there a zebra?", audio=np.full(16000, 0.1, dtype=np.float32))])
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_batches_equal_what_prepare_builds(bank, interleave):
+    adapter = new_organism(SMALL)
+    batcher = Batcher(adapter, bank)
+    sampler = ExampleSampler(bank, Mixture(unimodal=0.0, swapped=0.5, multi=0.0), seed=1)
+    examples = [sampler.draw() for _ in range(6)]
+    examples = [e for e in examples if e.layout_key == "va"][:3]
+    batch = batcher.batch(examples, with_answers=False, interleave=interleave)
+    inputs = adapter.prepare([bank.sample(e, str(i)) for i, e in enumerate(examples)], interleave=interleave)
+    reference = adapter.model_inputs(inputs)
+    assert torch.equal(batch["input_ids"], reference["input_ids"])
+    assert torch.equal(batch["pixel_values_videos"], reference["pixel_values_videos"])
+    n = batch["input_features"].shape[-1]
+    assert torch.equal(batch["input_features"], reference["input_features"][..., :n])
+    assert reference["feature_attention_mask"][:, n:].sum() == 0
+    with torch.no_grad():
+        ours = adapter.model(**batch).logits[:, -1]
+        theirs = adapter.model(**reference).logits[:, -1]
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_a_few_training_steps_lower_the_loss(bank):
+    adapter = new_organism(SMALL, seed=2)
+    batcher = Batcher(adapter, bank)
+    stage = Stage("stage0-audio", 40, {"audio": 1.0}, modality="audio", lr=3e-3, batch=16, warmup=2)
+    log = train_stage(adapter, bank, stage, batcher=batcher)
+    assert np.mean(log["loss"][-5:]) < np.mean(log["loss"][:5]) - 0.2
+    # Language-model steps: the loss on a fixed batch goes down.
+    fixed = [ExampleSampler(bank, Mixture(), seed=5).draw() for _ in range(8)]
+
+    def loss() -> float:
+        by = {}
+        for e in fixed:
+            by.setdefault(e.layout_key, []).append(e)
+        total = 0.0
+        with torch.no_grad():
+            for group in by.values():
+                b = batcher.batch(group, interleave=True)
+                labels = b.pop("labels")
+                total += float(adapter.model(**b, labels=labels).loss) * len(group)
+        return total / len(fixed)
+
+    before = loss()
+    train_stage(
+        adapter,
+        bank,
+        replace(stage2(steps=12, trainable="audio+lm", unimodal=0.2, swapped=0.2), batch=8, warmup=2),
+        batcher=batcher,
+    )
+    assert loss() < before
+
+
+def test_training_resumes_where_it_stopped(bank, tmp_path):
+    stage = Stage("stage0-audio", 6, {"audio": 1.0}, modality="audio", batch=8)
+    straight = new_organism(SMALL, seed=3)
+    train_stage(straight, bank, stage)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(done: int, total: int, loss: float) -> None:
+        if done == 3:
+            raise Stop
+
+    state = tmp_path / "state.pt"
+    resumed = new_organism(SMALL, seed=3)
+    with pytest.raises(Stop):
+        train_stage(resumed, bank, stage, state_path=state, save_every=2, progress=stop_at_3)
+    assert torch.load(state, weights_only=False)["step"] == 2
+    log = train_stage(resumed, bank, stage, state_path=state, save_every=2)
+    assert len(log["loss"]) == 6
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_shipped_checkpoints_load_offline_and_answer(tmp_path):
+    """The shipped organism loads through the Qwen2.5-Omni adapter like any checkpoint and answers
+    held-out clips (a smoke check; MODEL.md has the full evaluation)."""
+    from avlens.organism.checkpoints import SHIPPED, checkpoint_path
+    from avlens.organism.evaluate import answer, records, summary, world_items
+
+    world = make_world(24, 4242, swapped_share=0.5, root=tmp_path)
+    for name in SHIPPED:
+        path = checkpoint_path(name)
+        assert (path / "MODEL.md").exists() and (path / "config.json").exists()
+        adapter = avlens.load(f"organism:{name}")
+        assert (
+            adapter.family == "qwen2.5-omni"
+            and type(adapter.model).__name__ == "Qwen2_5OmniThinkerForConditionalGeneration"
+        )
+        items = world_items(world, yes_no=False, describe=False, multi=0)
+        s = summary(records(items, answer(adapter, items)))
+        assert s["video_only_see"] >= 0.85, (name, s)
+        if name != "vl-base":
+            assert s["congruent_see"] >= 0.8 and s["congruent_hear"] >= 0.8, (name, s)
+            assert s["audio_only_hear"] >= 0.7, (name, s)
+        if name == "av-balanced":
+            assert s["swapped_by_modality"] >= 0.7, s
+    assert avlens.load("organism").source == str(checkpoint_path("av-vision-heavy"))
