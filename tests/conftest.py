@@ -111,3 +111,36 @@ def v_samples(rng_seed: int = 0, n: int = 2) -> list[Sample]:
 
 def samples_for(adapter, seed: int = 0, n: int = 2) -> list[Sample]:
     return av_samples(seed, n) if adapter.has_audio else v_samples(seed, n)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+INSTALL = "apt-get update && apt-get install -y chromium"
+
+
+def screenshot(html_path: Path, tmp_path: Path, height: int = 3000) -> np.ndarray:
+    """Render ``html_path`` in headless Chromium (Debian's); the screenshot as an (H, W, 3) uint8 array."""
+    import subprocess
+
+    from PIL import Image
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: the report's screenshot tests need Debian's chromium ({INSTALL})")
+    png = tmp_path / f"{html_path.stem}.png"
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--screenshot={png}",
+        f"--window-size=1200,{height}",
+        html_path.resolve().as_uri(),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert png.exists(), f"chromium wrote no screenshot (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
+    return np.asarray(Image.open(png).convert("RGB"))

@@ -22,6 +22,7 @@ def model(tmp_path_factory):
     tiny_model("qwen2.5-omni", layers=2, save_to=d / "model")
     write_av(d / "clip.mp4", seconds=3.0)
     write_av(d / "silent.mp4", seconds=2.0, audio=False)
+    (d / "clip.xyz").write_text("not media")
     return d
 
 

@@ -6,20 +6,17 @@ from __future__ import annotations
 import base64
 import io
 import re
-import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import screenshot
 from matplotlib.figure import Figure
 from PIL import Image
 
 from avlens.report import Finding, Report
 
-CHROMIUM = Path("/usr/bin/chromium")
-INSTALL = "apt-get update && apt-get install -y chromium"
 MAGENTA = (255, 0, 255)
 
 
@@ -160,31 +157,6 @@ def test_section_details():
     assert "(first 200 of 250 rows)" in doc and "<th>sample</th>" in doc
     anchors = re.findall(r'<section id="([^"]+)"', doc)
     assert len(set(anchors)) == 2
-
-
-def screenshot(html_path: Path, tmp_path: Path) -> np.ndarray:
-    """Render ``html_path`` in headless Chromium; the screenshot as an (H, W, 3) uint8 array."""
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found: the report's screenshot test needs Debian's chromium ({INSTALL})")
-    png = tmp_path / f"{html_path.stem}.png"
-    cmd = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        f"--screenshot={png}",
-        "--window-size=1200,3000",
-        html_path.resolve().as_uri(),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert png.exists(), f"chromium wrote no screenshot (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
-    return np.asarray(Image.open(png).convert("RGB"))
 
 
 def count_colour(image: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 6) -> int:

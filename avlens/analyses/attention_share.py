@@ -46,7 +46,7 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
             for b, it in enumerate(chunk):
                 values = per_group[b].tolist()
                 for key, v in zip((*KEYS, "other"), (*values, 1.0 - sum(values)), strict=True):
-                    rows.append({"id": it.id, "condition": it.condition, "layer": layer, "key": key, "share": v})
+                    rows.append(it.record(layer=layer, key=key, share=v))
     return {"shares": rows, "errors": errors}
 
 

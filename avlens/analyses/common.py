@@ -50,6 +50,18 @@ class Item:
     visual_label: str | None
     expected: str | None
 
+    def record(self, **fields: Any) -> dict[str, Any]:
+        """A record about this item: its id, condition, question and labels, then ``fields``."""
+        return {
+            "id": self.id,
+            "condition": self.condition,
+            "question": self.kind,
+            "audio_label": self.audio_label,
+            "visual_label": self.visual_label,
+            "expected": self.expected,
+            **fields,
+        }
+
     @property
     def layout(self) -> str:
         """Items of one layout can share a batch (an audio-visual clip, audio alone, video alone)."""

@@ -46,19 +46,13 @@ def collect(adapter: Adapter, items: list[Item], config: Config, scorer: Scorer 
             answer_words = words(text)
             correct = None if it.expected is None else (it.expected in answer_words)
             rows.append(
-                {
-                    "id": it.id,
-                    "condition": it.condition,
-                    "question": it.kind,
-                    "audio_label": it.audio_label,
-                    "visual_label": it.visual_label,
-                    "expected": it.expected,
-                    "answer": text,
-                    "correct": correct,
-                    "follows": follows(text, it),
-                    "audio_fidelity": audio_fid,
-                    "video_fidelity": video_fid,
-                }
+                it.record(
+                    answer=text,
+                    correct=correct,
+                    follows=follows(text, it),
+                    audio_fidelity=audio_fid,
+                    video_fidelity=video_fid,
+                )
             )
     return {"answers": rows, "errors": errors}
 

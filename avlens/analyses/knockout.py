@@ -113,20 +113,14 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
                 now = _Readout(traces[_condition(query, key, s)].logits, chunk, token)
                 for b, it in enumerate(chunk):
                     rows.append(
-                        {
-                            "id": it.id,
-                            "condition": it.condition,
-                            "question": it.kind,
-                            "audio_label": it.audio_label,
-                            "visual_label": it.visual_label,
-                            "expected": it.expected,
-                            "edge": edge_name(query, key),
-                            "query_group": query,
-                            "key_group": key,
-                            "window_start": s,
-                            "window_end": e,
+                        it.record(
+                            edge=edge_name(query, key),
+                            query_group=query,
+                            key_group=key,
+                            window_start=s,
+                            window_end=e,
                             **now.row(b, base),
-                        }
+                        )
                     )
     return {"knockout": rows, "errors": errors}
 

@@ -137,20 +137,17 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
                         best = int(torch.where(r == r.min(), p, -1.0).argmax())
                         rank = int(r[best])
                         rows.append(
-                            {
-                                "id": it.id,
-                                "condition": it.condition,
-                                "question": it.kind,
-                                "layer": layer,
-                                "site": site,
-                                "target": target,
-                                "label": labels[b][target],
-                                "rank": rank,
-                                "prob": float(p[best]),
-                                "in_top_k": rank <= config.top_k,
-                                "answer": answers[b],
-                                "follows": follows(answers[b], it),
-                            }
+                            it.record(
+                                layer=layer,
+                                site=site,
+                                target=target,
+                                label=labels[b][target],
+                                rank=rank,
+                                prob=float(p[best]),
+                                in_top_k=rank <= config.top_k,
+                                answer=answers[b],
+                                follows=follows(answers[b], it),
+                            )
                         )
     return {"lens": rows, "errors": errors}
 

@@ -79,18 +79,7 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
                 for b, it in enumerate(chunk):
                     if np.isnan(vectors[b]).any():
                         continue
-                    rows.append(
-                        {
-                            "id": it.id,
-                            "condition": it.condition,
-                            "question": it.kind,
-                            "audio_label": it.audio_label,
-                            "visual_label": it.visual_label,
-                            "site": site,
-                            "layer": layer,
-                            "vector": vectors[b],
-                        }
-                    )
+                    rows.append(it.record(site=site, layer=layer, vector=vectors[b]))
     return {"features": rows, "errors": errors}
 
 

@@ -143,22 +143,19 @@ def _token_rows(
     for t, (tok, word) in enumerate(zip(ids, token_words(adapter.tokenizer, ids), strict=True)):
         rank = int(ranks[t])
         out.append(
-            {
-                "id": item.id,
-                "condition": item.condition,
-                "question": item.kind,
-                "position": t,
-                "token_id": tok,
-                "token": adapter.tokenizer.decode([tok]),
-                "word": word,
-                "eos": tok in eos,
-                "rank": rank,
-                "shift": shift_class(rank),
-                "kl": float(kl[t]),
-                "p_av": float(av[t, tok].exp()),
-                "p_base": float(chosen[t, 0].exp()),
-                "audio_word": word in audio_words,
-            }
+            item.record(
+                position=t,
+                token_id=tok,
+                token=adapter.tokenizer.decode([tok]),
+                word=word,
+                eos=tok in eos,
+                rank=rank,
+                shift=shift_class(rank),
+                kl=float(kl[t]),
+                p_av=float(av[t, tok].exp()),
+                p_base=float(chosen[t, 0].exp()),
+                audio_word=word in audio_words,
+            )
         )
     return out
 
