@@ -10,7 +10,8 @@ interventions (patching, discarding, capture) happen between layers.
 How conditions share work. An intervention that first acts at layer l on positions >= p leaves every layer
 < l and every position < p exactly as in the baseline. So :func:`run_conditions` runs the baseline once, keeps
 its residual at the layers where conditions start and its keys/values, and runs each condition only on
-positions >= p through layers >= l, with the baseline's keys/values of positions < p as a cache prefix.
+positions >= p through layers >= l, attending to the baseline's keys/values of positions < p (shared by all
+conditions, not copied per condition; that attention is an explicit softmax whatever ``attn`` says).
 Conditions with the same p run as one batch. A knockout from the last position costs about one decoding step.
 """
 
@@ -25,7 +26,7 @@ from transformers import DynamicCache
 
 from ..layout import TokenLayout
 from ..models.base import Adapter, Embedded, Inputs
-from .attention import ACTIVE, BACKENDS, probabilities
+from .attention import ACTIVE, BACKENDS, probabilities, repeat_kv
 from .interventions import Capture, Discard, Intervention, Knockout, Patch, Positions, Steer
 
 LogitsAt = Literal["last", "all"]
@@ -357,12 +358,14 @@ class _Forward:
         self.text_pos, self.rope_pos = (pos[0], pos[1:]) if pos.shape[0] == 4 else (None, pos)
         self.cache = DynamicCache()
         self.k_pos: dict[int, torch.Tensor] = {}
+        # The baseline's keys/values of positions < start_pos, per sample: shared by every row, never copied.
+        self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if start_pos > 0:
-            prefix = torch.arange(start_pos).expand(r, -1)
+            positions = torch.arange(start_pos).expand(r, -1)
             for i in range(start_layer, self.n):
                 layer = base.cache.layers[i]
-                self.cache.update(layer.keys[self.rows, :, :start_pos], layer.values[self.rows, :, :start_pos], i)
-                self.k_pos[i] = prefix
+                self.prefix[i] = (layer.keys[:, :, :start_pos], layer.values[:, :, :start_pos])
+                self.k_pos[i] = positions
         if base is not None:
             self._inherit(base, start_layer)
         self.start = (start_layer, start_pos)
@@ -465,10 +468,51 @@ class _Forward:
         value: torch.Tensor,
         scaling: float,
     ) -> torch.Tensor:
-        mask = self._mask(layer, query.shape[2], key.shape[2])
+        prefix = self.prefix.get(layer)
+        k_len = key.shape[2] + (0 if prefix is None else prefix[0].shape[2])
+        mask = self._mask(layer, query.shape[2], k_len)
         if layer in self.att_specs:
-            self._record_attention(layer, module, query, key, mask, scaling)
+            full = key if prefix is None else torch.cat([prefix[0][self.rows], key], 2)
+            self._record_attention(layer, module, query, full, mask, scaling)
+        if prefix is not None:
+            return self._attend_with_prefix(module, query, key, value, mask, scaling, *prefix)
         return self.backend(module, query, key, value, mask, scaling)
+
+    def _attend_with_prefix(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor,
+        scaling: float,
+        pk: torch.Tensor,
+        pv: torch.Tensor,
+    ) -> torch.Tensor:
+        """Explicit-softmax attention over the baseline's prefix pk/pv (S, H_kv, P, d), indexed by sample, and
+        this run's own key/value (R, H_kv, K, d). Rows are (condition, sample) pairs, row j*S + s being sample s
+        (as run_conditions lays them out), so the prefix is broadcast over conditions instead of copied per row.
+        query (R, H, Q, d) -> (R, Q, H, d)."""
+        r, h, q, d = query.shape
+        s, kvh, p, _ = pk.shape
+        g, c = h // kvh, r // s
+        grouped = query.reshape(c, s, kvh, g, q, d)
+        scores = torch.cat(
+            [
+                torch.einsum("cskgqd,skpd->cskgqp", grouped, pk).reshape(r, h, q, p),
+                query @ repeat_kv(key, g).transpose(2, 3),
+            ],
+            -1,
+        )
+        scores = scores * scaling
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.einsum("cskgqp,skpd->cskgqd", probs[..., :p].reshape(c, s, kvh, g, q, p), pv).reshape(r, h, q, d)
+        out = out + probs[..., p:] @ repeat_kv(value, g)
+        return out.transpose(1, 2).contiguous()
 
     def _mask(self, layer: int, q_len: int, k_len: int) -> torch.Tensor | None:
         knocks, steers = self.knock.get(layer, ()), self.steer.get(layer, ())
