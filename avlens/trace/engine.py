@@ -12,7 +12,8 @@ How conditions share work. An intervention that first acts at layer l on positio
 its residual at the layers where conditions start and its keys/values, and runs each condition only on
 positions >= p through layers >= l, attending to the baseline's keys/values of positions < p (shared by all
 conditions, not copied per condition; that attention is an explicit softmax whatever ``attn`` says).
-Conditions with the same p run as one batch. A knockout from the last position costs about one decoding step.
+Conditions with the same p (and the same l, unless few positions are recomputed) run as one batch. A knockout
+from the last position costs about one decoding step.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .attention import ACTIVE, BACKENDS, probabilities, repeat_kv
 from .interventions import Capture, Discard, Intervention, Knockout, Patch, Positions, Steer
 
 LogitsAt = Literal["last", "all"]
+_FEW_POSITIONS = 16
 
 
 @dataclass
@@ -116,10 +118,18 @@ def run_conditions(
     out = {name: base.trace(slice(None)) for name, s in starts.items() if s is None}
     per_batch = max(1, max_rows // b)
     order = sorted(acting, key=lambda k: (acting[k][1], acting[k][0])) if incremental else list(acting)
+    length = inputs.length
+
+    def batch_key(name: str) -> tuple[int, int]:
+        # Same first position; the same first layer too unless only a few positions are recomputed (then
+        # running a few extra layers costs less than another batch).
+        layer, pos = acting[name]
+        return (pos, layer if length - pos > _FEW_POSITIONS else -1) if incremental else (0, 0)
+
     groups: list[list[str]] = []
     for name in order:
-        same_p = groups and (not incremental or acting[groups[-1][0]][1] == acting[name][1])
-        if same_p and len(groups[-1]) < per_batch:
+        same = groups and batch_key(groups[-1][0]) == batch_key(name)
+        if same and len(groups[-1]) < per_batch:
             groups[-1].append(name)
         else:
             groups.append([name])
