@@ -76,6 +76,7 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+_BANKS: dict[Path, object] = {}
 Progress = Callable[[str, int, int, float | None], None]
 """progress(task, done, total, loss)."""
 
@@ -104,8 +105,11 @@ class Pipeline:
                 root=self.world_root,
                 progress=lambda i: self._say("writing the training world", i, self.setup.train_clips),
             )
-            self._say("decoding the training world", 0, 1)
-            self._bank = load_bank(manifest)
+            if manifest not in _BANKS:  # decoded once per process: every recipe trained here shares it
+                self._say("decoding the training world", 0, 1)
+                _BANKS.clear()
+                _BANKS[manifest] = load_bank(manifest)
+            self._bank = _BANKS[manifest]
         return self._bank
 
     def test_manifest(self) -> Path:
