@@ -13,6 +13,7 @@ once a sweep into the same OUT has finished, to add its map).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import time
@@ -24,7 +25,7 @@ import torch
 from avlens.organism.card import dominance_table, write_model_card
 from avlens.organism.checkpoints import HERE, SHIPPED
 from avlens.organism.data import make_world
-from avlens.organism.recipes import Pipeline, Setup, evaluate_checkpoint, train
+from avlens.organism.recipes import SWEEP_GRID, Pipeline, Setup, evaluate_checkpoint, train
 
 
 def main() -> None:
@@ -120,13 +121,19 @@ def _notes(name: str, sweep: pd.DataFrame | None, card: dict) -> str:
 
 
 def _map_page(sweep: pd.DataFrame) -> str:
-    return (
+    points = [dict(zip(SWEEP_GRID, v, strict=True)) for v in itertools.product(*SWEEP_GRID.values())]
+    missing = [p for p in points if not any(all(r[k] == v for k, v in p.items()) for r in sweep.to_dict("records"))]
+    text = (
         "# Dominance map of the organism's stage-2 recipes\n\n"
         "Each row: stage 2 trained from the same vision-language base with one setting of the knobs; measured on "
         "held-out clips whose sound is swapped for an unrelated class ('what do you hear?': does the answer follow "
         "the audio, the vision, or neither), beside audio-only and video-only accuracy. Written by "
         "`avlens organism sweep`.\n\n" + dominance_table(sweep) + "\n"
     )
+    if missing:
+        text += "\nPoints of the grid not measured (the sweep was stopped for time; re-run it to add them):\n\n"
+        text += "".join(f"- {json.dumps(p)}\n" for p in missing)
+    return text
 
 
 if __name__ == "__main__":
