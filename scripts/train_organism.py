@@ -24,7 +24,6 @@ import torch
 
 from avlens.organism.card import dominance_table, write_model_card
 from avlens.organism.checkpoints import HERE, SHIPPED
-from avlens.organism.data import make_world
 from avlens.organism.recipes import SWEEP_GRID, Pipeline, Setup, evaluate_checkpoint, train
 
 
@@ -97,7 +96,7 @@ def _write_worlds(out: Path, setup: Setup, progress) -> float:
         return json.loads(record.read_text())["seconds"]
     pipe = Pipeline(out, setup, progress, out / "worlds")
     t0 = time.perf_counter()
-    make_world(setup.train_clips, setup.seed, root=out / "worlds")
+    pipe.train_manifest()
     pipe.test_manifest()
     seconds = time.perf_counter() - t0
     record.write_text(json.dumps({"seconds": round(seconds, 1)}))

@@ -144,3 +144,8 @@ def screenshot(html_path: Path, tmp_path: Path, height: int = 3000) -> np.ndarra
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert png.exists(), f"chromium wrote no screenshot (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
     return np.asarray(Image.open(png).convert("RGB"))
+
+
+def count_colour(image: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 6) -> int:
+    """Pixels of ``image`` (H, W, 3) within ``tolerance`` of ``rgb`` in every channel."""
+    return int((np.abs(image.astype(int) - np.array(rgb)).max(axis=-1) <= tolerance).sum())

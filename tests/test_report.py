@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import screenshot
+from conftest import count_colour, screenshot
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -157,10 +157,6 @@ def test_section_details():
     assert "(first 200 of 250 rows)" in doc and "<th>sample</th>" in doc
     anchors = re.findall(r'<section id="([^"]+)"', doc)
     assert len(set(anchors)) == 2
-
-
-def count_colour(image: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 6) -> int:
-    return int((np.abs(image.astype(int) - np.array(rgb)).max(axis=-1) <= tolerance).sum())
 
 
 def test_browser_shows_the_figures(tmp_path):

@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from conftest import screenshot
+from conftest import count_colour, screenshot
 
 from avlens.models.tiny import tiny_model
 from avlens.organism.world import CLASSES, LABEL_GROUPS, WorldConfig, write_world
@@ -121,9 +120,8 @@ def test_report_renders_in_chromium(setup, tmp_path):
 
     def coloured(path: Path) -> int:
         """Pixels in the figures' audio and video colours (#1b9e77, #d95f02), which nothing else uses."""
-        img = screenshot(path, tmp_path, height=4000).astype(int)
-        near = [np.abs(img - np.array(c)).max(-1) <= 12 for c in ((27, 158, 119), (217, 95, 2))]
-        return int((near[0] | near[1]).sum())
+        img = screenshot(path, tmp_path, height=4000)
+        return sum(count_colour(img, c, tolerance=12) for c in ((27, 158, 119), (217, 95, 2)))  # disjoint colours
 
     with_figures, without = coloured(result.report), coloured(stripped)
     assert with_figures > 2000 and without == 0

@@ -99,18 +99,23 @@ class Pipeline:
     @property
     def bank(self):
         if self._bank is None:
-            manifest = make_world(
-                self.setup.train_clips,
-                self.setup.seed,
-                root=self.world_root,
-                progress=lambda i: self._say("writing the training world", i, self.setup.train_clips),
-            )
+            manifest = self.train_manifest()
             if manifest not in _BANKS:  # decoded once per process: every recipe trained here shares it
                 self._say("decoding the training world", 0, 1)
                 _BANKS.clear()
                 _BANKS[manifest] = load_bank(manifest)
             self._bank = _BANKS[manifest]
         return self._bank
+
+    def train_manifest(self) -> Path:
+        """The training world (written once)."""
+        s = self.setup
+        return make_world(
+            s.train_clips,
+            s.seed,
+            root=self.world_root,
+            progress=lambda i: self._say("writing the training world", i, s.train_clips),
+        )
 
     def test_manifest(self) -> Path:
         s = self.setup

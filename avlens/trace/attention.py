@@ -94,11 +94,17 @@ def probabilities(
     if mask is None:
         q, k = query.shape[2], key.shape[2]
         mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)[None, None]
+    return masked_softmax(scores, mask).to(query.dtype)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of scores (R, H, Q, K) in float32, with a bool mask (False: blocked) or an
+    additive float mask broadcast to it."""
     if mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     else:
         scores = scores + mask
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
 
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": sdpa, "eager": eager}

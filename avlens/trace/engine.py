@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from ..layout import TokenLayout
 from ..models.base import Adapter, Embedded, Inputs
-from .attention import ACTIVE, BACKENDS, probabilities, repeat_kv
+from .attention import ACTIVE, BACKENDS, masked_softmax, probabilities, repeat_kv
 from .interventions import Capture, Discard, Intervention, Knockout, Patch, Positions, Steer
 
 LogitsAt = Literal["last", "all"]
@@ -514,12 +514,7 @@ class _Forward:
             ],
             -1,
         )
-        scores = scores * scaling
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = masked_softmax(scores * scaling, mask).to(query.dtype)
         out = torch.einsum("cskgqp,skpd->cskgqd", probs[..., :p].reshape(c, s, kvh, g, q, p), pv).reshape(r, h, q, d)
         out = out + probs[..., p:] @ repeat_kv(value, g)
         return out.transpose(1, 2).contiguous()
