@@ -8,4 +8,5 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[${1:-}]"
+# extras (e.g. "test") only when asked: pip rejects an empty ".[]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".${1:+[$1]}"
