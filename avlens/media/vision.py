@@ -160,11 +160,23 @@ class VisionProcessor:
         resized = Image.fromarray(np.ascontiguousarray(frame)).resize(
             (width, height), resample=Image.Resampling.BICUBIC
         )
-        # transformers' rescale multiplies in float64 and only then casts to float32; normalising happens
-        # in float32. Doing either step in another precision changes the last bits.
-        x = (np.asarray(resized).astype(np.float64) * self.rescale_factor).astype(np.float32)
-        x = (x - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
-        return x.transpose(2, 0, 1)
+        # Rescaling and normalising act on each (value, channel) alone, so a 256-entry table per channel holds
+        # every result they can give, computed with their exact arithmetic (see _lookup): same bits, faster.
+        lookup, values = self._lookup(), np.asarray(resized)  # (3, 256), (height, width, 3)
+        return np.stack([lookup[c][values[..., c]] for c in range(3)])
+
+    def _lookup(self) -> np.ndarray:
+        """float32 (3, 256): the normalised value of each uint8 value in each channel.
+
+        transformers' rescale multiplies in float64 and only then casts to float32; normalising happens in
+        float32. Doing either step in another precision changes the last bits."""
+        key = (self.rescale_factor, tuple(self.image_mean), tuple(self.image_std))
+        if getattr(self, "_lookup_key", None) != key:
+            values = (np.arange(256, dtype=np.float64)[None, :].repeat(3, 0) * self.rescale_factor).astype(np.float32)
+            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+            std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+            self._lookup_table, self._lookup_key = (values - mean) / std, key
+        return self._lookup_table
 
     def _patchify(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 (T, C, H, W) -> (patches (grid_t * grid_h * grid_w, C * tp * p * p), grid_thw (3,))."""
