@@ -71,6 +71,24 @@ def test_batches_equal_what_prepare_builds(bank, interleave):
     assert (ours - theirs).abs().max() <= 1e-5
 
 
+def test_batchers_share_features_until_the_vision_weights_change(bank):
+    adapter = new_organism(SMALL, seed=4)
+    first = Batcher(adapter, bank)
+    first.cache_video_features(adapter.model)
+    second = Batcher(adapter, bank)
+    second.cache_video_features(adapter.model)
+    assert second.features is first.features and second.video_features is first.video_features
+    grid = first.grid.expand(2, -1)
+    with torch.no_grad():
+        direct = adapter.model.model.get_video_features(first.pixels([0, 1]), grid).pooler_output
+        next(adapter.model.model.visual.parameters()).add_(0.01)
+        changed = adapter.model.model.get_video_features(first.pixels([0, 1]), grid).pooler_output
+    assert (first.video_features[:2] - torch.stack(list(direct))).abs().max() <= 1e-5
+    second.cache_video_features(adapter.model)  # new vision weights: computed again
+    assert (second.video_features[:2] - torch.stack(list(changed))).abs().max() <= 1e-5
+    assert not torch.allclose(second.video_features, first.video_features)
+
+
 def test_a_few_training_steps_lower_the_loss(bank):
     adapter = new_organism(SMALL, seed=2)
     batcher = Batcher(adapter, bank)

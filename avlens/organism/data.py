@@ -310,6 +310,24 @@ class ExampleSampler:
 # ---------------------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------------------
+_VIDEO_FEATURES: list = []
+"""[(bank, the vision weights, the video features they gave)]: see Batcher.cache_video_features."""
+_AUDIO_FEATURES: list = []
+"""[(bank, audio processor, the log-mel features it gave)]: see _audio_features."""
+
+
+def _audio_features(bank: Bank, processor) -> torch.Tensor:
+    """float32 (N, mels, frames): the log-mel features of every clip of a bank, computed once per process for
+    a bank and processor (every stage and recipe trained from one bank shares them)."""
+    for kept_bank, kept_processor, features in _AUDIO_FEATURES:
+        if kept_bank is bank and kept_processor == processor:
+            return features
+    feats, mask = processor.features(list(bank.waves))
+    features = feats[:, :, : int(mask[0].sum())].contiguous()
+    _AUDIO_FEATURES[:] = [(bank, processor, features)]
+    return features
+
+
 class Batcher:
     """Builds model inputs for a list of examples of one layout, from cached pieces.
 
@@ -320,9 +338,7 @@ class Batcher:
     def __init__(self, adapter: Qwen2_5OmniAdapter, bank: Bank, interleave: bool = True) -> None:
         self.adapter, self.bank, self.interleave = adapter, bank, interleave
         self._prompts: dict[tuple[str, str, bool], list[int]] = {}
-        feats, mask = adapter.audio.features(list(bank.waves))
-        n = int(mask[0].sum())
-        self.features = feats[:, :, :n].contiguous()  # (N, mels, n): every clip has the same length
+        self.features = _audio_features(bank, adapter.audio)  # (N, mels, n): every clip has the same length
         self.video_features: torch.Tensor | None = None  # (N, tokens, D) when the vision tower is frozen
         pixels, grid = adapter.video_vision.video(bank.frames[0])
         self.grid = torch.as_tensor(grid)
@@ -342,7 +358,15 @@ class Batcher:
         )
 
     def cache_video_features(self, model: torch.nn.Module, batch: int = 64) -> None:
-        """Run the (frozen) vision tower once over every clip."""
+        """Run the (frozen) vision tower once over every clip.
+
+        The result is kept for the next stage with the same bank and the very same vision weights (stage 1 and
+        every stage 2 that freezes vision share one vision tower), so it is computed once per process."""
+        weights = [p.detach() for p in model.model.visual.parameters()]
+        for bank, kept, features in _VIDEO_FEATURES:
+            if bank is self.bank and len(kept) == len(weights) and all(map(torch.equal, kept, weights)):
+                self.video_features = features
+                return
         out = []
         with torch.no_grad():
             for s in range(0, len(self.bank), batch):
@@ -351,6 +375,7 @@ class Batcher:
                 feats = model.model.get_video_features(self.pixels(idx), grid).pooler_output
                 out.append(torch.stack(list(feats)))
         self.video_features = torch.cat(out)
+        _VIDEO_FEATURES[:] = [(self.bank, [w.clone() for w in weights], self.video_features)]
 
     def batch(self, examples: list[Example], *, with_answers: bool = True, interleave: bool | None = None) -> dict:
         """Model keyword arguments (and ``labels`` on the answer tokens when ``with_answers``)."""

@@ -185,7 +185,7 @@ def train_stage(
     optim = torch.optim.AdamW(groups, weight_decay=0.01)
     batcher = batcher or Batcher(adapter, bank)
     frozen_vision = "vision" not in stage.train and stage.modality != "vision"
-    if frozen_vision and stage.mixture is not None:
+    if frozen_vision and stage.mixture is not None and not stage.mixture.text:  # (text stages have no video)
         batcher.cache_video_features(model)
     else:
         batcher.video_features = None
