@@ -131,14 +131,15 @@ def test_clip_files_round_trip(tmp_path):
 
 
 def test_write_world_is_deterministic(tmp_path):
-    # one world in a fresh process, one here: a first encode in a process once came out different
+    # one world in a fresh process, one here: a first encode in a process once came out different; one written
+    # in that process alone, one by two worker processes: the bytes must not depend on the number of workers
     script = "import sys; from pathlib import Path; from avlens.organism.world import write_world; "
-    script += "write_world(Path(sys.argv[1]), 6, seed=11)"
+    script += "write_world(Path(sys.argv[1]), 6, seed=11, workers=1)"
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "a")], check=True, cwd=root, timeout=60)
     m1 = tmp_path / "a" / "manifest.jsonl"
     calls = []
-    m2 = write_world(tmp_path / "b", 6, seed=11, progress=calls.append)
+    m2 = write_world(tmp_path / "b", 6, seed=11, progress=calls.append, workers=2)
     assert calls == [1, 2, 3, 4, 5, 6]
     assert m1.read_text() == m2.read_text()
     rows = [json.loads(line) for line in m1.read_text().splitlines()]

@@ -21,7 +21,11 @@ from __future__ import annotations
 import colorsys
 import json
 import math
+import multiprocessing
+import os
+import sys
 from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -602,6 +606,7 @@ def write_world(
     cfg: WorldConfig = WorldConfig(),
     swapped_share: float = 0.5,
     progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Write ``n`` clips under ``out/clips/``, ``out/manifest.jsonl`` and ``out/world.json``.
 
@@ -609,8 +614,12 @@ def write_world(
     ``visual_label``, ``condition`` ("congruent" or "swapped") and ``seed`` (for :func:`render_clip`).
     The same (n, seed, cfg, swapped_share) gives the same files.
 
+    Clips are rendered and encoded by ``workers`` processes (default: one per available core); each clip's
+    bytes depend only on its own seed, so the files are the same for any number of workers.
+
     Args:
         progress: called with the number of clips written so far, after each clip.
+        workers: processes to use (1: write in this process).
 
     Returns:
         the manifest path.
@@ -646,24 +655,48 @@ def write_world(
 
     (out / "clips").mkdir(parents=True, exist_ok=True)
     world_json.write_text(json.dumps(params, indent=2) + "\n")
+    jobs = [(out, f"clip_{i:06d}", row, cfg) for i, row in enumerate(_plan(n, seed, swapped_share))]
     lines = []
-    for i, row in enumerate(_plan(n, seed, swapped_share)):
-        clip_id = f"clip_{i:06d}"
-        frames, audio = render_clip(row["visual_label"], row["audio_label"], row["seed"], cfg)
-        mp4, wav = write_clip(out / "clips" / clip_id, frames, audio, cfg)
-        entry = {
-            "id": clip_id,
-            "video": mp4.relative_to(out).as_posix(),
-            "audio": wav.relative_to(out).as_posix(),
-        }
-        lines.append(json.dumps(entry | row))
-        if progress is not None:
-            progress(i + 1)
+    with _pool(workers if workers is not None else _cores(), len(jobs)) as pool:
+        for line in pool.map(_write_row, jobs, chunksize=8):
+            lines.append(line)
+            if progress is not None:
+                progress(len(lines))
     # write the manifest last and atomically: its presence means the world is complete
     tmp = manifest.with_suffix(".jsonl.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(manifest)
     return manifest
+
+
+def _write_row(job: tuple[Path, str, dict, WorldConfig]) -> str:
+    """Render and write one clip of a world; its manifest line."""
+    out, clip_id, row, cfg = job
+    frames, audio = render_clip(row["visual_label"], row["audio_label"], row["seed"], cfg)
+    mp4, wav = write_clip(out / "clips" / clip_id, frames, audio, cfg)
+    entry = {"id": clip_id, "video": mp4.relative_to(out).as_posix(), "audio": wav.relative_to(out).as_posix()}
+    return json.dumps(entry | row)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _pool(workers: int, jobs: int) -> Executor:
+    """A process pool of ``workers`` (forked on Linux, where the children need no fresh imports), or an
+    in-process executor when one worker is enough."""
+    workers = max(1, min(workers, jobs))
+    if workers == 1:
+        return _InProcess()
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+
+
+class _InProcess(Executor):
+    """An executor that runs each call in this process, lazily and in order."""
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        return map(fn, *iterables)
 
 
 def contact_sheet(path: Path, *, seed: int = 0, cfg: WorldConfig = WorldConfig(), scale: int = 2) -> Path:
