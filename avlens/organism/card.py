@@ -82,11 +82,11 @@ without their audio (video-only), each decoded from its file as a user's video i
 ## Recipe
 Knobs: `{json.dumps(card.get("knobs", {}))}`; seed {card.get("seed")}.
 
-| stage | steps | time (2 CPU cores) | final loss |
+| stage | steps | time (its own clock) | final loss |
 |---|---|---|---|
 {stage_lines}
 
-Total training time: {card.get("train_seconds", 0):.0f} s.
+Sum of the stage times: {card.get("train_seconds", 0):.0f} s.
 
 ## Accuracy on held-out clips
 {accuracy_table(df)}

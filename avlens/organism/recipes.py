@@ -91,6 +91,7 @@ class Pipeline:
         self.world_root = world_root
         self._bank = None
         self._batcher = None
+        self._loaded: list = []  # a base loaded ahead by load_base, for the next recipe() call
 
     def _say(self, task: str, done: int, total: int, loss: float | None = None) -> None:
         if self.progress is not None:
@@ -171,7 +172,7 @@ class Pipeline:
 
     def recipe(self, name: str, stage: Stage | None = None) -> tuple[object, Path, list[dict]]:
         """A recipe's checkpoint (``stage`` overrides its stage 2, for sweeps)."""
-        adapter, directory, logs = self.base()
+        adapter, directory, logs = self._loaded.pop() if self._loaded else self.base()
         stage = stage or RECIPES[name].stage2
         if stage is None:
             return adapter, directory, logs
@@ -179,14 +180,39 @@ class Pipeline:
         adapter, directory, log = self._stage(adapter, stage, _key(self._base_key, stage))
         return adapter, directory, [*logs, log]
 
+    def load_base(self, name: str) -> bool:
+        """Load (training it if needed) the base the next :meth:`recipe` call starts from, now, in this thread.
+        True when that call will then only train: its stage 2 is not yet trained.
 
-def train(name: str, out: Path, *, setup: Setup = Setup(), progress: Progress | None = None, world_root=None) -> Path:
-    """Train a recipe into ``out/<name>/`` (a loadable checkpoint with organism.json) and return that path."""
+        Loading a checkpoint briefly patches torch's tensor constructors for the whole process (transformers
+        builds the model on the meta device first), so it must not run while another thread trains: load every
+        recipe's base first, then train the recipes side by side."""
+        self._loaded = [self.base()]
+        stage = RECIPES[name].stage2
+        if stage is None:
+            return False
+        key = _key(self._base_key, replace(stage, seed=self.setup.seed))
+        return not (self.out / "stages" / f"{stage.name}-{key}" / "organism.json").exists()
+
+
+def train(
+    name: str,
+    out: Path,
+    *,
+    setup: Setup = Setup(),
+    progress: Progress | None = None,
+    world_root=None,
+    pipeline: Pipeline | None = None,
+) -> Path:
+    """Train a recipe into ``out/<name>/`` (a loadable checkpoint with organism.json) and return that path.
+
+    ``pipeline``: the :class:`Pipeline` to train with (e.g. one whose base was loaded ahead, see
+    :meth:`Pipeline.load_base`); by default a new one on ``out``."""
     if name not in RECIPES:
         from ..errors import InputError
 
         raise InputError(f"unknown recipe '{name}' (recipes: {', '.join(RECIPES)})")
-    pipe = Pipeline(out, setup, progress, world_root)
+    pipe = pipeline or Pipeline(out, setup, progress, world_root)
     t0 = time.perf_counter()
     _, directory, logs = pipe.recipe(name)
     target = Path(out) / name
