@@ -88,12 +88,16 @@ class Bank:
         waves: float32 (N, n), 16 kHz mono audio decoded from the clips' own audio tracks.
         labels: the class of each clip (its visual and audio label: bank clips are congruent).
         fps: the sampling rate of ``frames``.
+        derived: model inputs computed from the clips, kept with the bank for every stage and recipe trained
+            from it: "audio" -> (audio processor, log-mel features), "video" -> (vision weights, video
+            features); see :class:`Batcher`.
     """
 
     frames: np.ndarray
     waves: np.ndarray
     labels: list[str]
     fps: float
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -310,21 +314,15 @@ class ExampleSampler:
 # ---------------------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------------------
-_VIDEO_FEATURES: list = []
-"""[(bank, the vision weights, the video features they gave)]: see Batcher.cache_video_features."""
-_AUDIO_FEATURES: list = []
-"""[(bank, audio processor, the log-mel features it gave)]: see _audio_features."""
-
-
 def _audio_features(bank: Bank, processor) -> torch.Tensor:
-    """float32 (N, mels, frames): the log-mel features of every clip of a bank, computed once per process for
-    a bank and processor (every stage and recipe trained from one bank shares them)."""
-    for kept_bank, kept_processor, features in _AUDIO_FEATURES:
-        if kept_bank is bank and kept_processor == processor:
-            return features
+    """float32 (N, mels, frames): the log-mel features of every clip of a bank, computed once per bank and
+    processor (every stage and recipe trained from one bank shares them)."""
+    kept = bank.derived.get("audio")
+    if kept is not None and kept[0] == processor:
+        return kept[1]
     feats, mask = processor.features(list(bank.waves))
     features = feats[:, :, : int(mask[0].sum())].contiguous()
-    _AUDIO_FEATURES[:] = [(bank, processor, features)]
+    bank.derived["audio"] = (processor, features)
     return features
 
 
@@ -360,13 +358,13 @@ class Batcher:
     def cache_video_features(self, model: torch.nn.Module, batch: int = 64) -> None:
         """Run the (frozen) vision tower once over every clip.
 
-        The result is kept for the next stage with the same bank and the very same vision weights (stage 1 and
-        every stage 2 that freezes vision share one vision tower), so it is computed once per process."""
+        The result is kept with the bank for the next stage with the very same vision weights (stage 1 and every
+        stage 2 that freezes vision share one vision tower), so it is computed once."""
         weights = [p.detach() for p in model.model.visual.parameters()]
-        for bank, kept, features in _VIDEO_FEATURES:
-            if bank is self.bank and len(kept) == len(weights) and all(map(torch.equal, kept, weights)):
-                self.video_features = features
-                return
+        kept = self.bank.derived.get("video")
+        if kept is not None and len(kept[0]) == len(weights) and all(map(torch.equal, kept[0], weights)):
+            self.video_features = kept[1]
+            return
         out = []
         with torch.no_grad():
             for s in range(0, len(self.bank), batch):
@@ -375,7 +373,7 @@ class Batcher:
                 feats = model.model.get_video_features(self.pixels(idx), grid).pooler_output
                 out.append(torch.stack(list(feats)))
         self.video_features = torch.cat(out)
-        _VIDEO_FEATURES[:] = [(self.bank, [w.clone() for w in weights], self.video_features)]
+        self.bank.derived["video"] = ([w.clone() for w in weights], self.video_features)
 
     def batch(self, examples: list[Example], *, with_answers: bool = True, interleave: bool | None = None) -> dict:
         """Model keyword arguments (and ``labels`` on the answer tokens when ``with_answers``)."""

@@ -135,14 +135,14 @@ class Pipeline:
 
     def _stage(self, adapter, stage: Stage, key: str) -> tuple[object, Path, dict]:
         """Train one stage (or load it if done); returns (adapter, checkpoint dir, log)."""
-        directory = self.out / "stages" / f"{stage.name}-{key}"
+        directory = self._stage_dir(stage, key)
         if (directory / "organism.json").exists():
             loaded = load(directory)
             loaded.organism_config = self.setup.model
             return loaded, directory, json.loads((directory / "organism.json").read_text())["log"]
         if self._batcher is None or self._batcher.adapter is not adapter:
             self._batcher = Batcher(adapter, self.bank)
-        state = self.out / "stages" / f"{stage.name}-{key}.state.pt"
+        state = directory.with_name(f"{directory.name}.state.pt")
         state.parent.mkdir(parents=True, exist_ok=True)
         log = train_stage(
             adapter,
@@ -191,8 +191,12 @@ class Pipeline:
         stage = RECIPES[name].stage2
         if stage is None:
             return False
-        key = _key(self._base_key, replace(stage, seed=self.setup.seed))
-        return not (self.out / "stages" / f"{stage.name}-{key}" / "organism.json").exists()
+        stage = replace(stage, seed=self.setup.seed)
+        return not (self._stage_dir(stage, _key(self._base_key, stage)) / "organism.json").exists()
+
+    def _stage_dir(self, stage: Stage, key: str) -> Path:
+        """Where a stage trained after everything ``key`` stands for is kept."""
+        return self.out / "stages" / f"{stage.name}-{key}"
 
 
 def train(
