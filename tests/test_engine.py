@@ -149,6 +149,70 @@ def test_batch_of_conditions_equals_one_by_one(models, family):
         assert _close(together[name].logits, direct.logits), name
 
 
+def _last(adapter, inputs, ivs):
+    """Reference logits (B, V) at the last prompt position, from a run that computes every position."""
+    return run(adapter, inputs, ivs, logits="all").logits[:, -1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_position_logits_run_the_last_layer_on_that_position_only(models, family):
+    """With logits="last" and nothing recorded from the last layer, that layer runs the other positions only
+    as far as their keys/values; the answer is the same as from computing every position."""
+    adapter, inputs = _batch(models, family)
+    n = adapter.n_layers
+    source = run(adapter, inputs, capture=[Capture.residual(layers=[n])]).captures["residual"]
+    cases = [
+        [],
+        [Knockout("last", "video", layers=[n - 1])],
+        [Steer("video", layers=[n - 1], alpha=0.8)],
+        [Discard("video", n - 1)],
+        [Patch("question", layers=[n], source=source)],
+    ]
+    rows = []
+    hook = adapter.layers[-1].mlp.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[1]))
+    try:
+        for ivs in cases:
+            rows.clear()
+            assert (run(adapter, inputs, ivs).logits - _last(adapter, inputs, ivs)).abs().max() <= ATOL, ivs
+            assert rows[0] == 1, ivs
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folded_conditions_equal_their_own_runs(models, family, monkeypatch):
+    """Conditions acting on the last few positions through attention ride along in the baseline's pass; each
+    gives what it gives run alone, and the knockouts what the papers' explicit eager mask gives."""
+    from avlens.trace import engine
+
+    adapter, inputs = _batch(models, family)
+    n = adapter.n_layers
+    conds = {f"last->video {i}": [Knockout("last", "video", layers=[i])] for i in range(n)}
+    conds |= {
+        "base": [],
+        "question->video": [Knockout("question", "video", layers=[0, 2])],
+        "steer": [Steer("video", layers=[1], alpha=0.5, heads=[0, 1])],
+        "two": [Knockout("last", "video", layers=[2]), Steer("question", layers=[1], alpha=0.2, mode="bias")],
+        "discard": [Discard("video", 1)],  # not folded: it changes the sequence
+    }
+    folds = []
+    start = engine._Forward.start_fold
+    monkeypatch.setattr(
+        engine._Forward, "start_fold", lambda self, p, s: (folds.append(len(self.rows)), start(self, p, s))
+    )
+    out = run_conditions(adapter, inputs, conds)
+    assert folds == [inputs.batch_size * (len(conds) - 2)]  # all but the baseline and the discard
+    for name, ivs in conds.items():
+        assert (out[name].logits - _last(adapter, inputs, ivs)).abs().max() <= ATOL, name
+        if ivs and all(isinstance(iv, Knockout) for iv in ivs):
+            ref = knockout_logits(adapter, inputs, ivs)[:, -1]
+            assert (out[name].logits - ref).abs().max() <= ATOL, name
+    # (The baseline's pass now multiplies more rows at once: equal to the plain run up to rounding.)
+    assert (out["base"].logits - run(adapter, inputs).logits).abs().max() <= ATOL
+    moved = [(out[name].logits - out["base"].logits).abs().max() for name in conds if name != "base"]
+    assert min(moved) > 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_captured_residuals_equal_output_hidden_states(models, family):
     adapter, inputs = _batch(models, family)

@@ -14,6 +14,14 @@ positions >= p through layers >= l, attending to the baseline's keys/values of p
 conditions, not copied per condition; that attention is an explicit softmax whatever ``attn`` says).
 Conditions with the same p (and the same l, unless few positions are recomputed) run as one batch. A knockout
 from the last position costs about one decoding step.
+
+Two savings go further. Conditions that act only through attention (Knockout, Steer) on the last few positions
+(at most 16) are folded into the baseline's own pass: their positions are appended to the baseline's sequence
+as extra query positions ("slots"), one copy per condition, each attending to the baseline's keys/values before
+its first position and to its own slots; so each layer's weights are read once for the baseline and all of
+them. And when only the last position's logits are asked for (``logits="last"``, nothing recorded from the last
+layer), the last layer runs the other positions only as far as their keys/values: the attention function stops
+the layer there, and the rest of it runs on the last position alone.
 """
 
 from __future__ import annotations
@@ -101,8 +109,9 @@ def run_conditions(
 
     Args:
         conditions: name -> interventions (an empty list is the baseline).
-        incremental: reuse the baseline below each condition's first acting layer/position (default); False
-            recomputes every condition from scratch (the reference the incremental path is tested against).
+        incremental: reuse the baseline below each condition's first acting layer/position (default), and fold
+            attention-only conditions on the last few positions into the baseline's pass; False recomputes
+            every condition from scratch (the reference the incremental path is tested against).
         max_rows: most rows (samples x conditions) run as one batch.
 
     Returns:
@@ -112,13 +121,31 @@ def run_conditions(
     layout, n, b = inputs.layout, adapter.n_layers, inputs.batch_size
     starts = {name: start_of(ivs, layout, n) for name, ivs in conditions.items()}
     acting = {name: s for name, s in starts.items() if s is not None}
+    per_batch = max(1, max_rows // b)
+    length = inputs.length
     base = _Forward(adapter, emb, layout, torch.arange(b), [[]] * b, capture, attn, logits)
+    # Conditions that only change the attention of the last few positions ride along in the baseline's own
+    # pass, as extra query positions (each layer's weights are then read once for all of them).
+    folded = [
+        name
+        for name in acting
+        if incremental
+        and not capture
+        and logits == "last"
+        and length - acting[name][1] <= _FEW_POSITIONS
+        and all(isinstance(iv, Knockout | Steer) for iv in conditions[name])
+    ][:per_batch]
+    if folded:
+        ivs = [list(conditions[name]) for name in folded for _ in range(b)]
+        base.fold = _Forward(adapter, emb, layout, torch.arange(b).repeat(len(folded)), ivs, (), attn, logits)
+        base.fold.start_fold(min(acting[name][1] for name in folded), b)
+    acting = {name: s for name, s in acting.items() if name not in folded}
     base.keep_inputs = {s[0] for s in acting.values()} if incremental else set()
     base.prefill(0, 0, None)
     out = {name: base.trace(slice(None)) for name, s in starts.items() if s is None}
-    per_batch = max(1, max_rows // b)
+    for j, name in enumerate(folded):
+        out[name] = base.fold.trace(slice(j * b, (j + 1) * b))
     order = sorted(acting, key=lambda k: (acting[k][1], acting[k][0])) if incremental else list(acting)
-    length = inputs.length
 
     def batch_key(name: str) -> tuple[int, int]:
         # Same first position; the same first layer too unless only a few positions are recomputed (then
@@ -249,6 +276,22 @@ def _start(iv: Intervention, layout: TokenLayout, n: int) -> tuple[int, int] | N
 # ---------------------------------------------------------------------------------------------------------
 # One forward over a set of rows (samples x conditions)
 # ---------------------------------------------------------------------------------------------------------
+def _grouped_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Attention of a few queries (R, H, Q, d) over key/value (R, H_kv, K, d) with torch's sdpa, the query
+    heads sharing a key/value head read it once (no repeated keys); mask (R, 1 or H, Q, K), bool or additive
+    -> (R, Q, H, d)."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
+    return out.transpose(1, 2)
+
+
+class _KeysStored(Exception):
+    """Raised by the attention function to stop a decoder layer once its keys/values are cached."""
+
+
 def _gather(mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """mask (R, L, ...) at positions pos (R, N) (-1 = padding slot) -> (R, N, ...), False/0 at padding."""
     idx = pos.clamp(min=0)
@@ -288,6 +331,12 @@ class _Forward:
         self.logits: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
         self.decoding = False
+        self._keys_only = False
+        # Conditions folded into this run's pass (see start_fold), or None.
+        self.fold: _Forward | None = None
+        # Nothing asks for the last layer's output at any but the last position: that layer then runs the
+        # other positions only as far as their keys/values (which later queries attend to).
+        self._last_only = logits == "last" and self.n not in self.residual_layers and self.n - 1 not in self.att_specs
 
     # -- compilation of the rows' interventions into per-layer masks ------------------------------------------
     def _compile(self, interventions: list[list[Intervention]]) -> None:
@@ -382,8 +431,87 @@ class _Forward:
         self._plain = start_pos == 0 and bool(self.layout.valid[:, :length].all())
         self._whole = start_pos == 0 and length == self.layout.length  # hidden rows are positions 0..L-1
         self.length = length
+        if self.fold is not None:
+            hidden, self.text_pos, self.rope_pos = self._with_fold_slots(hidden, self.text_pos, self.rope_pos)
         hidden = self._layers(hidden, start_layer)
         self._finish(hidden)
+
+    # -- conditions folded into another run's pass --------------------------------------------------------------
+    def start_fold(self, start_pos: int, samples: int) -> None:
+        """Make this run (rows = conditions x ``samples``, condition-major) ride along in its parent's forward:
+        positions >= start_pos of every row become extra query positions ("slots") of the parent's sequences,
+        from the first layer on, attending to the parent's keys/values of positions < start_pos and to their
+        own row's slots. Interventions must act through attention only (Knockout, Steer)."""
+        r, length = len(self.rows), self.emb.embeds.shape[1]
+        self.q_pos = torch.arange(start_pos, length).expand(r, -1)
+        self.start, self.length = (0, start_pos), length
+        self._plain = self._whole = False
+        # The parent's keys are its own positions 0..L-1, then the slots, slot j = (condition c, position t).
+        c, t = r // samples, length - start_pos
+        slot_pos = torch.arange(start_pos, length).repeat(c)  # (C*T,)
+        slot_cond = torch.arange(c).repeat_interleave(t)
+        key_pos = torch.cat([torch.arange(length), slot_pos])  # (K,)
+        key_cond = torch.cat([torch.full((length,), -1), slot_cond])
+        prefix = (key_cond < 0) & (key_pos < start_pos)
+        same = key_cond[None] == slot_cond[:, None]
+        seen = (prefix[None, None] & self.layout.valid[:samples, key_pos][:, None]) | (
+            same & (key_pos[None] <= slot_pos[:, None])
+        )[None]  # (S, C*T, K)
+        row = slot_cond[None] * samples + torch.arange(samples)[:, None]  # (S, C*T): the row each slot belongs to
+        self._fold_geometry = (row, slot_pos, key_pos, seen, same & (key_pos[None] == slot_pos[:, None]))
+
+    def slot_mask(self, layer: int) -> torch.Tensor:
+        """Mask (S, 1 or H, C*T, K) of this folded run's slots over its parent's keys at one layer: a slot sees
+        the keys before the first folded position and its own row's slots, as its interventions allow (bool,
+        or additive float with steering)."""
+        row, slot_pos, key_pos, allowed, diag = self._fold_geometry
+
+        def edges(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # (R, L) masks -> (S, C*T, K) edges
+            return q[row, slot_pos[None]][..., None] & k[row[..., None], key_pos[None, None]]
+
+        for q, k in self.knock.get(layer, ()):
+            allowed = allowed & ~(edges(q, k) & ~diag)
+        steers = self.steer.get(layer, ())
+        if not steers:
+            return allowed[:, None]
+        bias = torch.zeros(allowed.shape[0], self.adapter.n_heads, *allowed.shape[1:])
+        for q, k, heads, alpha, mode in steers:
+            amount = torch.log1p(torch.tensor(alpha)) if mode == "post" else torch.tensor(alpha)
+            bias[:, heads] += amount * edges(q, k)[:, None]
+        return torch.where(allowed[:, None], bias, torch.finfo(torch.float32).min).to(self.adapter.dtype)
+
+    @property
+    def _slots(self) -> int:
+        """Slots the folded run adds to each of this run's sequences (conditions x positions)."""
+        return 0 if self.fold is None else self.fold.q_pos.numel() // len(self.rows)
+
+    def _to_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """A folded run's per-row tensor (C*S, T, ...) -> the parent's slots (S, C*T, ...)."""
+        s = len(self.rows)
+        c, t = x.shape[0] // s, x.shape[1]
+        return x.reshape(c, s, t, *x.shape[2:]).transpose(0, 1).reshape(s, c * t, *x.shape[2:])
+
+    def _from_slots(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The parent's slots (S, ..., C*T, ...) with slots on ``dim`` -> the folded run's rows (C*S, ..., T, ...)."""
+        fold = self.fold
+        s, t = len(self.rows), fold.q_pos.shape[1]
+        c = len(fold.rows) // s
+        x = x.movedim(dim, 1)
+        x = x.reshape(s, c, t, *x.shape[2:]).transpose(0, 1).reshape(c * s, t, *x.shape[2:])
+        return x.movedim(1, dim)
+
+    def _with_fold_slots(
+        self, hidden: torch.Tensor, text_pos: torch.Tensor | None, rope_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Append the folded run's slots (copies of the inputs at its positions) to hidden (S, L, D) and to the
+        position ids."""
+        fold = self.fold
+        pos = self._to_slots(fold.q_pos)[0]  # (C*T,): the same positions for every sample
+        hidden = torch.cat([hidden, self.emb.embeds[self.rows][:, pos]], 1)
+        ids = self.emb.position_ids[:, self.rows][..., pos]
+        text_pos = None if text_pos is None else torch.cat([text_pos, ids[0]], 1)
+        rope_pos = torch.cat([rope_pos, ids[-rope_pos.shape[0] :]], -1)
+        return hidden, text_pos, rope_pos
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One decoding step: tokens (R,) -> next-token logits (R, V)."""
@@ -412,6 +540,9 @@ class _Forward:
         try:
             for i in range(start_layer, self.n):
                 hidden, cos_sin = self._between(i, hidden, cos_sin)
+                own = hidden.shape[1] - self._slots
+                if i == self.n - 1 and self._last_only and own > 1:
+                    hidden, cos_sin = self._store_keys(i, hidden, cos_sin, own - 1)
                 prev = self.k_pos.get(i)
                 self.k_pos[i] = self.q_pos if prev is None else torch.cat([prev, self.q_pos], 1)
                 self._layer = i
@@ -424,11 +555,44 @@ class _Forward:
                     position_embeddings=cos_sin,
                 )
                 if i in self.emb.additions and not self.decoding:  # (deepstack: prompt positions only)
-                    hidden = hidden + _gather(self.emb.additions[i][self.rows], self.q_pos).to(hidden.dtype)
+                    pos = (
+                        self.q_pos if self.fold is None else torch.cat([self.q_pos, self._to_slots(self.fold.q_pos)], 1)
+                    )
+                    added = _gather(self.emb.additions[i][self.rows], pos.to(hidden.device))
+                    hidden = hidden + added.to(hidden.dtype)
             hidden, _ = self._between(self.n, hidden, cos_sin)
         finally:
             ACTIVE.reset(token)
         return hidden
+
+    def _store_keys(self, i: int, hidden: torch.Tensor, cos_sin: tuple, head: int) -> tuple[torch.Tensor, tuple]:
+        """Run layer i on the first ``head`` of the current positions only until their keys/values are in the
+        cache (the attention function stops the layer there), and return the other positions' hidden (R, Q',
+        D) and rotary embeddings, for the layer to run in full."""
+        cut = tuple(t[:, :head] for t in cos_sin)
+        q_pos, text_pos = self.q_pos, self.text_pos
+        self.q_pos = q_pos[:, :head]
+        prev = self.k_pos.get(i)
+        self.k_pos[i] = self.q_pos if prev is None else torch.cat([prev, self.q_pos], 1)
+        self._keys_only = True
+        try:
+            self.adapter.layers[i](
+                hidden[:, :head],
+                attention_mask=None,
+                position_ids=None if text_pos is None else text_pos[:, :head],
+                past_key_values=self.cache,
+                use_cache=True,
+                position_embeddings=cut,
+            )
+            raise RuntimeError(f"decoder layer {i} did not call its attention function")
+        except _KeysStored:
+            pass
+        finally:
+            self._keys_only = False
+        self.q_pos = q_pos[:, head:]
+        self.text_pos = None if text_pos is None else text_pos[:, head:]
+        self._plain = self._whole = False
+        return hidden[:, head:], tuple(t[:, head:] for t in cos_sin)
 
     def _between(self, i: int, hidden: torch.Tensor, cos_sin: tuple) -> tuple[torch.Tensor, tuple]:
         """Residual-stream work at the input of layer i: patch, discard, record."""
@@ -438,7 +602,7 @@ class _Forward:
         if i in self.discard:
             hidden, cos_sin = self._discard(self.discard[i], hidden, cos_sin)
         if i in self.keep_inputs:
-            self.inputs_kept[i] = hidden
+            self.inputs_kept[i] = hidden[:, : hidden.shape[1] - self._slots]
         if i in self.residual_layers:
             self._record_residual(i, hidden)
         return hidden, cos_sin
@@ -461,6 +625,9 @@ class _Forward:
         return hidden, (cos, sin)
 
     def _finish(self, hidden: torch.Tensor, decoding: bool = False) -> None:
+        if self._slots:
+            self.fold._finish(self._from_slots(hidden[:, -self._slots :]))
+            hidden = hidden[:, : -self._slots]
         self.last_logits = self.adapter.lm_head(self.adapter.final_norm(hidden[:, -1:]))[:, 0].float()
         if self.logits_at == "all" and not decoding:
             full = self.adapter.lm_head(self.adapter.final_norm(hidden)).float()
@@ -478,9 +645,31 @@ class _Forward:
         value: torch.Tensor,
         scaling: float,
     ) -> torch.Tensor:
+        if self._keys_only:  # the keys/values are in the cache: nothing else of this layer is needed
+            raise _KeysStored
+        if self._slots:  # own positions first, then the folded run's slots (keys likewise)
+            v = self._slots
+            own = self._attend_own(layer, module, query[:, :, :-v], key[:, :, :-v], value[:, :, :-v], scaling)
+            mask = self.fold.slot_mask(layer).to(query.device)
+            slots = _grouped_attention(query[:, :, -v:], key, value, mask, scaling)
+            return torch.cat([own, slots], 1)
+        return self._attend_own(layer, module, query, key, value, scaling)
+
+    def _attend_own(
+        self,
+        layer: int,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        """This run's attention at its own positions: query (R, H, Q, d), key/value (R, H_kv, K, d) -> (R, Q, H,
+        d)."""
         prefix = self.prefix.get(layer)
         k_len = key.shape[2] + (0 if prefix is None else prefix[0].shape[2])
         mask = self._mask(layer, query.shape[2], k_len)
+        mask = None if mask is None else mask.to(query.device)
         if layer in self.att_specs:
             full = key if prefix is None else torch.cat([prefix[0][self.rows], key], 2)
             self._record_attention(layer, module, query, full, mask, scaling)
