@@ -5,7 +5,8 @@ interleaved audio and video (6 s: 384 video tokens, 150 audio tokens). Every fig
 wall times over repeats on this machine, measured in the same process, all taking turns round by round:
 
 - capture_ratio: residual capture at every layer (avlens) / a bare sdpa forward of the model;
-- nnsight_capture_ratio: the same capture through nnsight / the bare forward;
+- nnsight_capture_ratio: the same capture through nnsight / the bare forward; capture_over_nnsight_paired: avlens's
+  capture / nnsight's, the median over rounds of the ratio within a round (below 1: avlens's costs less);
 - knockout_ratio: one knockout window (last -> video, layers 4-5) / the bare forward;
 - batched_speedup: 8 knockout conditions on one sample (4 windows of last -> video, 4 of video -> audio):
   8 separate eager forwards with the mask written by a pre-hook (the papers' code) / avlens run_conditions;
@@ -13,7 +14,7 @@ wall times over repeats on this machine, measured in the same process, all takin
   eager forward per condition / avlens run_conditions;
 - sweep_over_plain_run: that sweep / avlens's own forward without interventions (the baseline any sweep needs:
   every condition reads all layers' keys/values), and sweep_speedup_if_conditions_were_free: the papers' sweep /
-  that one forward, the ceiling of sweep_speedup for an engine that runs the baseline once.
+  that one forward (the ratio if the 16 conditions cost nothing beyond the baseline every condition needs).
 
 Usage: python benchmarks/trace_overhead.py [--repeats N]
 """
@@ -35,10 +36,10 @@ from avlens.trace import Capture, Knockout, run, run_conditions
 from avlens.trace.reference import knockout_logits
 
 
-def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function. The functions take turns (one call each per round, after one warm-up
-    round), so a slow spell of the machine falls on every figure alike instead of on whichever ran then. A
-    function returning a float has timed itself (to leave out its set-up)."""
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times of each function, one per round. The functions take turns (one call each per round, after one
+    warm-up round), so a slow spell of the machine falls on every figure alike instead of on whichever ran
+    then. A function returning a float has timed itself (to leave out its set-up)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
@@ -46,7 +47,12 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float
             own = fn()
             if round_:
                 times[name].append(own if isinstance(own, float) else time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a/b within the same round (less sensitive to the machine's drift between rounds)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def main() -> None:
@@ -97,7 +103,8 @@ def main() -> None:
     nnsight = nnsight_capture(adapter, kwargs)
     if nnsight is not None:
         fns["nnsight"] = on_sdpa(nnsight)
-    t = timed(fns, args.repeats)
+    rounds = timed(fns, args.repeats)
+    t = {name: statistics.median(ts) for name, ts in rounds.items()}
 
     print(
         json.dumps(
@@ -110,6 +117,9 @@ def main() -> None:
                 "bare_forward_s": round(t["bare"], 4),
                 "capture_ratio": round(t["capture"] / t["bare"], 3),
                 "nnsight_capture_ratio": round(t["nnsight"] / t["bare"], 3) if nnsight else None,
+                "capture_over_nnsight_paired": round(paired(rounds["capture"], rounds["nnsight"]), 3)
+                if nnsight
+                else None,
                 "knockout_ratio": round(t["knockout"] / t["bare"], 3),
                 "batched_speedup": round(t["eight_papers"] / t["eight"], 2),
                 "sweep_speedup": round(t["sweep_papers"] / t["sweep"], 2),
