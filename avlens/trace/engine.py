@@ -645,6 +645,8 @@ class _Forward:
         value: torch.Tensor,
         scaling: float,
     ) -> torch.Tensor:
+        """Attention of one decoder layer for this run (and the conditions folded into it): query (R, H, Q, d),
+        key/value (R, H_kv, K, d) as the layer computed them -> (R, Q, H, d)."""
         if self._keys_only:  # the keys/values are in the cache: nothing else of this layer is needed
             raise _KeysStored
         if self._slots:  # own positions first, then the folded run's slots (keys likewise)
