@@ -26,7 +26,7 @@ the layer there, and the rest of it runs on the last position alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -126,12 +126,11 @@ def run_conditions(
     base = _Forward(adapter, emb, layout, torch.arange(b), [[]] * b, capture, attn, logits)
     # Conditions that only change the attention of the last few positions ride along in the baseline's own
     # pass, as extra query positions (each layer's weights are then read once for all of them).
+    foldable = incremental and not capture and logits == "last"
     folded = [
         name
         for name in acting
-        if incremental
-        and not capture
-        and logits == "last"
+        if foldable
         and length - acting[name][1] <= _FEW_POSITIONS
         and all(isinstance(iv, Knockout | Steer) for iv in conditions[name])
     ][:per_batch]
@@ -432,7 +431,7 @@ class _Forward:
         self._whole = start_pos == 0 and length == self.layout.length  # hidden rows are positions 0..L-1
         self.length = length
         if self.fold is not None:
-            hidden, self.text_pos, self.rope_pos = self._with_fold_slots(hidden, self.text_pos, self.rope_pos)
+            hidden = self._with_fold_slots(hidden)
         hidden = self._layers(hidden, start_layer)
         self._finish(hidden)
 
@@ -464,21 +463,12 @@ class _Forward:
         """Mask (S, 1 or H, C*T, K) of this folded run's slots over its parent's keys at one layer: a slot sees
         the keys before the first folded position and its own row's slots, as its interventions allow (bool,
         or additive float with steering)."""
-        row, slot_pos, key_pos, allowed, diag = self._fold_geometry
+        row, slot_pos, key_pos, seen, diag = self._fold_geometry
 
         def edges(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # (R, L) masks -> (S, C*T, K) edges
             return q[row, slot_pos[None]][..., None] & k[row[..., None], key_pos[None, None]]
 
-        for q, k in self.knock.get(layer, ()):
-            allowed = allowed & ~(edges(q, k) & ~diag)
-        steers = self.steer.get(layer, ())
-        if not steers:
-            return allowed[:, None]
-        bias = torch.zeros(allowed.shape[0], self.adapter.n_heads, *allowed.shape[1:])
-        for q, k, heads, alpha, mode in steers:
-            amount = torch.log1p(torch.tensor(alpha)) if mode == "post" else torch.tensor(alpha)
-            bias[:, heads] += amount * edges(q, k)[:, None]
-        return torch.where(allowed[:, None], bias, torch.finfo(torch.float32).min).to(self.adapter.dtype)
+        return self._intervened(seen, diag, self.knock.get(layer, ()), self.steer.get(layer, ()), edges)
 
     @property
     def _slots(self) -> int:
@@ -500,18 +490,15 @@ class _Forward:
         x = x.reshape(s, c, t, *x.shape[2:]).transpose(0, 1).reshape(c * s, t, *x.shape[2:])
         return x.movedim(1, dim)
 
-    def _with_fold_slots(
-        self, hidden: torch.Tensor, text_pos: torch.Tensor | None, rope_pos: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Append the folded run's slots (copies of the inputs at its positions) to hidden (S, L, D) and to the
-        position ids."""
-        fold = self.fold
-        pos = self._to_slots(fold.q_pos)[0]  # (C*T,): the same positions for every sample
-        hidden = torch.cat([hidden, self.emb.embeds[self.rows][:, pos]], 1)
+    def _with_fold_slots(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (S, L, D) with the folded run's slots appended (copies of the inputs at its positions), and
+        the same for the position ids."""
+        pos = self._to_slots(self.fold.q_pos)[0]  # (C*T,): the same positions for every sample
         ids = self.emb.position_ids[:, self.rows][..., pos]
-        text_pos = None if text_pos is None else torch.cat([text_pos, ids[0]], 1)
-        rope_pos = torch.cat([rope_pos, ids[-rope_pos.shape[0] :]], -1)
-        return hidden, text_pos, rope_pos
+        if self.text_pos is not None:
+            self.text_pos = torch.cat([self.text_pos, ids[0]], 1)
+        self.rope_pos = torch.cat([self.rope_pos, ids[-self.rope_pos.shape[0] :]], -1)
+        return torch.cat([hidden, self.emb.embeds[self.rows][:, pos]], 1)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One decoding step: tokens (R,) -> next-token logits (R, V)."""
@@ -543,17 +530,7 @@ class _Forward:
                 own = hidden.shape[1] - self._slots
                 if i == self.n - 1 and self._last_only and own > 1:
                     hidden, cos_sin = self._store_keys(i, hidden, cos_sin, own - 1)
-                prev = self.k_pos.get(i)
-                self.k_pos[i] = self.q_pos if prev is None else torch.cat([prev, self.q_pos], 1)
-                self._layer = i
-                hidden = ad.layers[i](
-                    hidden,
-                    attention_mask=None,
-                    position_ids=self.text_pos,
-                    past_key_values=self.cache,
-                    use_cache=True,
-                    position_embeddings=cos_sin,
-                )
+                hidden = self._call_layer(i, hidden, cos_sin)
                 if i in self.emb.additions and not self.decoding:  # (deepstack: prompt positions only)
                     pos = (
                         self.q_pos if self.fold is None else torch.cat([self.q_pos, self._to_slots(self.fold.q_pos)], 1)
@@ -565,25 +542,29 @@ class _Forward:
             ACTIVE.reset(token)
         return hidden
 
+    def _call_layer(self, i: int, hidden: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
+        """Decoder layer i on hidden (R, Q, D) at the current positions (``q_pos``), whose keys join the layer's."""
+        prev = self.k_pos.get(i)
+        self.k_pos[i] = self.q_pos if prev is None else torch.cat([prev, self.q_pos], 1)
+        return self.adapter.layers[i](
+            hidden,
+            attention_mask=None,
+            position_ids=self.text_pos,
+            past_key_values=self.cache,
+            use_cache=True,
+            position_embeddings=cos_sin,
+        )
+
     def _store_keys(self, i: int, hidden: torch.Tensor, cos_sin: tuple, head: int) -> tuple[torch.Tensor, tuple]:
         """Run layer i on the first ``head`` of the current positions only until their keys/values are in the
         cache (the attention function stops the layer there), and return the other positions' hidden (R, Q',
         D) and rotary embeddings, for the layer to run in full."""
-        cut = tuple(t[:, :head] for t in cos_sin)
         q_pos, text_pos = self.q_pos, self.text_pos
         self.q_pos = q_pos[:, :head]
-        prev = self.k_pos.get(i)
-        self.k_pos[i] = self.q_pos if prev is None else torch.cat([prev, self.q_pos], 1)
+        self.text_pos = None if text_pos is None else text_pos[:, :head]
         self._keys_only = True
         try:
-            self.adapter.layers[i](
-                hidden[:, :head],
-                attention_mask=None,
-                position_ids=None if text_pos is None else text_pos[:, :head],
-                past_key_values=self.cache,
-                use_cache=True,
-                position_embeddings=cut,
-            )
+            self._call_layer(i, hidden[:, :head], tuple(t[:, :head] for t in cos_sin))
             raise RuntimeError(f"decoder layer {i} did not call its attention function")
         except _KeysStored:
             pass
@@ -717,18 +698,34 @@ class _Forward:
         qp, kp = self.q_pos, self.k_pos[layer]
         diag = kp[:, None, :] == qp[:, :, None]
         allowed = (kp[:, None, :] <= qp[:, :, None]) & _gather(self.layout.valid, kp)[:, None, :]
+
+        def edges(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # (R, L) group masks -> (R, Q, K) edges
+            return _gather(q, qp)[:, :, None] & _gather(k, kp)[:, None, :]
+
+        return self._intervened(allowed, diag, knocks, steers, edges)
+
+    def _intervened(
+        self,
+        allowed: torch.Tensor,
+        diag: torch.Tensor,
+        knocks: Sequence,
+        steers: Sequence,
+        edges: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The attention mask from the open edges ``allowed`` (R, Q, K), less the knockouts' (never ``diag``,
+        a position's edge to itself), with the steers' logit bias; ``edges(q, k)`` gives the (R, Q, K) edges
+        from a query group mask to a key group mask. -> bool (R, 1, Q, K), or additive float (R, H, Q, K) with
+        steering."""
         for q, k in knocks:
-            allowed &= ~(_gather(q, qp)[:, :, None] & _gather(k, kp)[:, None, :])
-        allowed = (allowed | diag)[:, None]  # (R, 1, Q, K)
+            allowed = allowed & ~edges(q, k)
+        allowed = (allowed | diag)[:, None]
         if not steers:
             return allowed
-        bias = torch.zeros(len(self.rows), self.adapter.n_heads, q_len, k_len)
+        bias = torch.zeros(allowed.shape[0], self.adapter.n_heads, *allowed.shape[2:])
         for q, k, heads, alpha, mode in steers:
             amount = torch.log1p(torch.tensor(alpha)) if mode == "post" else torch.tensor(alpha)
-            edge = (_gather(q, qp)[:, :, None] & _gather(k, kp)[:, None, :]).float()
-            bias[:, heads] += amount * edge[:, None]
-        dtype = self.adapter.dtype
-        return torch.where(allowed, bias, torch.finfo(torch.float32).min).to(dtype)
+            bias[:, heads] += amount * edges(q, k).float()[:, None]
+        return torch.where(allowed, bias, torch.finfo(torch.float32).min).to(self.adapter.dtype)
 
     def _record_attention(
         self, layer: int, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float
