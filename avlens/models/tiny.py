@@ -13,6 +13,7 @@ import torch
 
 from .base import Adapter
 from .registry import ADAPTERS
+from .tokenizer import build_tokenizer
 
 WORDS = [
     "what",
@@ -70,8 +71,6 @@ def tiny_model(
             tokenizer, preprocessor_config.json), loadable by ``avlens.load``.
         audio_chunk_seconds: the audio feature extractor's padding length (Qwen uses 300 s; small is faster).
     """
-    from ..organism.tokenizer import build_tokenizer
-
     cls = ADAPTERS[family]
     tokenizer = build_tokenizer(words, cls.tokens)
     torch.manual_seed(seed)

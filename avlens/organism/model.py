@@ -15,7 +15,7 @@ from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditio
 
 from ..models.qwen2_5_omni import Qwen2_5OmniAdapter
 from ..models.tiny import preprocessor_config
-from .tokenizer import build_tokenizer
+from ..models.tokenizer import build_tokenizer
 from .world import CLASSES
 
 

@@ -1,6 +1,6 @@
 """A word-level tokenizer with a Qwen family's special tokens and chat template.
 
-The organism (and the tiny models of the tests) need a tokenizer that a Qwen adapter loads exactly like a
+The tiny models (tests, benchmarks) and the organism need a tokenizer that a Qwen adapter loads exactly like a
 real checkpoint's: the same special token strings, ``<|im_start|>``/``<|im_end|>`` turns, a chat template, and
 the processor attributes (``tokenizer.audio_token`` ...). Text is lower-cased and split into words and
 punctuation, so "What do you see?" and "what do you see" share their words; unknown words map to ``[UNK]``.
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ..models.qwen import chat_template
+from .qwen import chat_template
 
 NEWLINE = "⏎"
 UNK = "[UNK]"
