@@ -7,14 +7,63 @@ print(batch.layout.describe(0))                          # audio, video, questio
 ko = avlens.Knockout("last", "video", layers=range(2, 4))
 out = avlens.run_conditions(model, batch, {"base": [], "no-video": [ko]})
 answer = avlens.generate(model, batch, [ko]).text
+
+The package is in one-way layers: each imports only from the layers below it (checked by ``lint-imports``
+against the contracts in pyproject.toml, run by scripts/test.sh):
+
+    cli                       the command line
+    reproduce                 run directories and the studies' orchestration
+    report                    the HTML report, reading the analyses' results
+    analyses                  one module per method
+    data | organism           builders and manifests | the bundled model (independent of each other)
+    trace                     the engine
+    models                    adapters, one per model family
+    media | layout | runs     decoding and processors | token groups | the run directory
+    errors                    the exceptions everything raises
+
+This module, the public API, belongs to no layer: it resolves the organism's names for :func:`load` and
+re-exports the rest; only cli and reproduce import it.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from .errors import AvlensError, InputError, MediaError, ModelNotFoundError, UnknownGroupError
 from .layout import TokenLayout
-from .models import Adapter, Clip, Inputs, Sample, load
+from .models import Adapter, Clip, Inputs, Sample
+from .models import load as _load_checkpoint
 from .trace import Capture, Discard, Knockout, Patch, Steer, Trace, generate, run, run_conditions
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 __version__ = "0.1.0"
+
+_ORGANISM = "organism"  # the bundled organism's name: "organism" (its default checkpoint) or "organism:<checkpoint>"
+
+
+def load(name: str | Path, *, family: str | None = None, **kwargs: Any) -> Adapter:
+    """Load a model: the bundled organism by name, or any supported checkpoint by local path or hub id.
+
+    Args:
+        name: ``organism`` / ``organism:<checkpoint>`` (vl-base, av-vision-heavy, av-balanced), a checkpoint
+            directory, or a hub id.
+        family: force an adapter family instead of reading the config's model_type.
+        **kwargs: passed to the adapter's ``load`` (dtype, device_map, trust_remote_code).
+
+    Raises:
+        ModelNotFoundError: no such organism checkpoint, directory or repository, or no adapter for it.
+    """
+    # Organism names are resolved here, above both the organism and the model loader, so that the adapters
+    # never import the organism (which is built from them).
+    text = str(name)
+    if text == _ORGANISM or text.startswith(f"{_ORGANISM}:"):
+        from .organism.checkpoints import checkpoint_path
+
+        name = checkpoint_path(text.partition(":")[2] or None)
+    return _load_checkpoint(name, family=family, **kwargs)
+
 
 __all__ = [
     "Adapter",

@@ -27,18 +27,20 @@ def adapter_for(model_type: str) -> type[Adapter]:
 
 
 def load(name: str | Path, *, family: str | None = None, **kwargs: Any) -> Adapter:
-    """Load a model by local path or hub id (or ``"organism"`` for the bundled model organism).
+    """Load a model by local path or hub id with the adapter of its family.
+
+    This is the loader of checkpoints only; :func:`avlens.load` also knows the bundled organism's names
+    (``organism`` / ``organism:<checkpoint>``) and resolves them to their directories before calling it.
 
     Args:
-        name: a checkpoint directory, a hub id, or ``organism`` / ``organism:<checkpoint>``.
+        name: a checkpoint directory or a hub id.
         family: force an adapter family instead of reading the config's model_type.
         **kwargs: passed to the adapter's ``load`` (dtype, device_map, trust_remote_code).
+
+    Raises:
+        ModelNotFoundError: no such directory or repository, no loadable config, or no adapter for its type.
     """
     name = str(name)
-    if name == "organism" or name.startswith("organism:"):
-        from ..organism.checkpoints import checkpoint_path
-
-        name = str(checkpoint_path(name.partition(":")[2] or None))
     if family is not None:
         if family not in ADAPTERS:
             raise ModelNotFoundError(f"unknown model family '{family}' (known: {', '.join(ADAPTERS)})")

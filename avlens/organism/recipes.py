@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import load
+from ..models import load
 from .data import Batcher, load_bank, make_world
 from .evaluate import bank_examples, evaluate_bank, evaluate_world, summary
 from .model import OrganismConfig, new_organism, save_organism
