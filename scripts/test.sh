@@ -8,4 +8,5 @@ if ! command -v chromium >/dev/null; then
   $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium
 fi
 .venv/bin/ruff check avlens tests benchmarks
+.venv/bin/lint-imports  # the one-way layers of pyproject.toml [tool.importlinter]
 exec .venv/bin/python -m pytest "$@"
