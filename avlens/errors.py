@@ -55,3 +55,7 @@ class UnknownGroupError(AvlensError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class UnsupportedModelError(AvlensError):
+    """A model whose config asks for something avlens's engine does not reproduce (named in the message)."""

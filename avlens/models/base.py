@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import InputError
 from ..layout import SpecialIds, TokenLayout
 from ..media import VideoClip
+from .decoder import DecoderContract
 
 Media = str | Path | np.ndarray | VideoClip
 """A media item: a file path, a waveform (float32 (n,) at 16 kHz), frames (uint8 (T, H, W, 3) at 2 fps),
@@ -122,9 +123,10 @@ class Embedded:
     additions: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-class Adapter:
-    """Base class of model adapters. Subclasses set ``family``/``model_types`` and implement loading and
-    input building; the properties below describe where things are."""
+class Adapter(DecoderContract):
+    """Base class of model adapters. Subclasses set ``family``/``model_types`` and implement loading, input
+    building and the decoder contract (:class:`~avlens.models.decoder.DecoderContract`: how the engine calls the
+    text decoder); the properties below describe where things are."""
 
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()

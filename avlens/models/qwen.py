@@ -23,9 +23,6 @@ from ..layout import SpecialIds, TokenLayout, VideoGrid
 from ..media import AudioProcessor, VideoClip, VisionProcessor, load_audio, load_image, load_video
 from .base import Adapter, Clip, Embedded, Inputs, Media, Sample
 
-ATTN_IMPLEMENTATION = "avlens"
-"""Name under which avlens registers its attention function (see avlens.trace.attention)."""
-
 
 def chat_template(tokens: dict[str, str]) -> str:
     """A ChatML template in the layout of Qwen's own, for a family's special token strings.
@@ -117,7 +114,7 @@ class QwenAdapter(Adapter):
             self.video_vision = replace(self.vision, min_pixels=low, max_pixels=high)
         self.audio = AudioProcessor.from_config(preprocessor) if self.has_audio else None
         self.options = PrepareOptions()
-        _use_avlens_attention(model)
+        self.check_supported()
 
     # -- loading --------------------------------------------------------------------------------------------
     @classmethod
@@ -137,11 +134,18 @@ class QwenAdapter(Adapter):
         from transformers import AutoConfig, AutoTokenizer
 
         name = str(name)
-        try:
+        try:  # the config first, then the tokenizer, so that each failure is named as what it is
             config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise ModelNotFoundError(_not_found(name, e)) from e
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+            if Path(name).is_dir() and not any((Path(name) / f).exists() for f in files):
+                raise ModelNotFoundError(f"model '{name}': no tokenizer in the directory ({' / '.join(files)})") from e
+            reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # all of it, on one line
+            raise ModelNotFoundError(f"model '{name}': its tokenizer could not be loaded ({reason})") from e
         if dtype is None:
             dtype = "auto" if device_map is not None else torch.float32
         kwargs = dict(dtype=dtype, device_map=device_map, use_safetensors=True, trust_remote_code=trust_remote_code)
@@ -165,6 +169,46 @@ class QwenAdapter(Adapter):
     @property
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
+
+    # -- the decoder contract (see avlens.models.decoder) ------------------------------------------------------
+    def rotary(self, hidden: torch.Tensor, rope_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_model.rotary_emb(hidden, rope_positions)
+
+    def split_positions(self, position_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        # (3, B, L) multimodal rotary ids (temporal, height, width); some families put text ids first (4, B, L).
+        return (position_ids[0], position_ids[1:]) if position_ids.shape[0] == 4 else (None, position_ids)
+
+    def next_positions(self, position_ids: torch.Tensor, step: int) -> torch.Tensor:
+        # After a multimodal prompt Qwen's ids go on from the largest id so far, the same in all three rows (the
+        # model's rope_deltas), whatever the padding.
+        nxt = position_ids.amax(dim=(0, 2)) + 1 + step  # (B,)
+        return nxt[None, :, None].expand(position_ids.shape[0], -1, 1)
+
+    def call_layer(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        *,
+        text_positions: torch.Tensor | None,
+        cache: Any,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        # The mask is the attention function's business (the engine's): the layer gets none.
+        return self.layers[index](
+            hidden,
+            attention_mask=None,
+            position_ids=text_positions,
+            past_key_values=cache,
+            use_cache=True,
+            position_embeddings=rotary,
+        )
+
+    def site_module(self, index: int, site: str) -> nn.Module:
+        layer = self.layers[index]
+        modules = {"attn_in": layer.input_layernorm, "attn_out": layer.self_attn, "mlp_out": layer.mlp}
+        if site not in modules:
+            raise ValueError(f"no module for site {site!r} (sites inside a layer: {', '.join(modules)})")
+        return modules[site]
 
     @property
     def special_ids(self) -> SpecialIds:
@@ -532,11 +576,3 @@ def read_preprocessor_config(name: str) -> tuple[dict, dict]:
         path = cached_file(name, filename, _raise_exceptions_for_missing_entries=False)
         out.append(json.loads(Path(path).read_text()) if path else {})
     return out[0], out[1]
-
-
-def _use_avlens_attention(model: nn.Module) -> None:
-    """Route the text decoder's attention (only it: the encoders keep theirs) through avlens's function."""
-    from ..trace.attention import register
-
-    register()
-    model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION})

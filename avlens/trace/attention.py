@@ -24,7 +24,7 @@ NAME = "avlens"
 
 
 class LayerAttention(Protocol):
-    """What the engine's run object offers the attention function (see engine._Run)."""
+    """What the engine's run object offers the attention function (see engine._Forward)."""
 
     def attend(
         self, layer: int, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
@@ -55,8 +55,9 @@ def attention(
 
 def register() -> None:
     """Register :func:`attention` (and sdpa's mask builder for it, so the model's own forward still works)."""
-    AttentionInterface.register(NAME, attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    if AttentionInterface._global_mapping.get(NAME) is not attention:
+        AttentionInterface.register(NAME, attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def sdpa(

@@ -2,32 +2,43 @@
 
 How it runs a forward. The adapter runs the model's own forward up to the text decoder (encoders, feature
 merging, multimodal position ids) and hands over what the decoder would receive. The engine then calls the
-model's decoder layers itself, one by one, with the model's rotary embedding, KV cache (transformers'
-DynamicCache) and final norm; attention goes through avlens's registered attention function, which reads
-the current run (masks from absolute positions, knockouts, steering, attention-mass capture). Residual-stream
-interventions (patching, discarding, capture) happen between layers.
+model's decoder layers itself, one by one, through the adapter's decoder contract
+(:class:`avlens.models.decoder.DecoderContract`: the layer call, rotary embedding, position-id layout, next
+decoding position, final norm, the modules at each site, each layer's attention window), with transformers'
+DynamicCache. Attention goes through avlens's registered attention function, which hands it to the run in
+progress (masks from absolute positions and windows, blocked edges, biased logits, attention-mass records).
+States at the residual are read and written between layers; at the sites inside a layer (attention input and
+output, MLP output) by forward hooks on the adapter's modules, present only during the run. The text
+decoder's attention implementation is switched to avlens's only inside a run and restored after it.
 
-How conditions share work. An intervention that first acts at layer l on positions >= p leaves every layer
-< l and every position < p exactly as in the baseline. So :func:`run_conditions` runs the baseline once, keeps
-its residual at the layers where conditions start and its keys/values, and runs each condition only on
-positions >= p through layers >= l, attending to the baseline's keys/values of positions < p (shared by all
-conditions, not copied per condition; that attention is an explicit softmax whatever ``attn`` says).
-Conditions with the same p (and the same l, unless few positions are recomputed) run as one batch. A knockout
-from the last position costs about one decoding step.
+Plan and strategies. Each intervention lowers itself into a few primitive per-layer operations
+(:mod:`avlens.trace.ops`: blocked edges, biased logits, a state written at a site, dropped positions, records);
+:func:`avlens.trace.plan.compile_plan` files them by kind and layer into an immutable :class:`Plan` per forward.
+The engine only executes plans, in one of these strategies, each a way of choosing the positions a pass over
+the layers computes (a :class:`_Pass`) and what it starts from:
 
-Two savings go further. Conditions that act only through attention (Knockout, Steer) on the last few positions
-(at most 16) are folded into the baseline's own pass: their positions are appended to the baseline's sequence
-as extra query positions ("slots"), one copy per condition, each attending to the baseline's keys/values before
-its first position and to its own slots; so each layer's weights are read once for the baseline and all of
-them. And when only the last position's logits are asked for (``logits="last"``, nothing recorded from the last
-layer), the last layer runs the other positions only as far as their keys/values: the attention function stops
-the layer there, and the rest of it runs on the last position alone.
+- **full**: every position from the input embeddings (a plain ``run``, the baseline of ``run_conditions``);
+- **shared prefix**: an intervention that first acts at layer l on positions >= p leaves every layer < l and
+  every position < p as in the baseline, so a condition runs positions >= p through layers >= l from the
+  baseline's residual, attending to the baseline's keys/values of positions < p (shared by all conditions, not
+  copied; that attention is an explicit softmax whatever ``attn`` says). Conditions with the same p (and the
+  same l, unless few positions are recomputed) run as one batch. A knockout from the last position costs about
+  one decoding step;
+- **folded slots**: conditions whose plans act only through attention on the last few positions (at most 16)
+  ride along in the baseline's own pass: their positions are appended to the baseline's sequence as extra
+  query positions ("slots"), one copy per condition, each attending to the baseline's keys/values before its
+  first position and to its own slots; so each layer's weights are read once for all of them;
+- **keys-only last layer**: when only the last position's logits are asked for and nothing is recorded from
+  the last layer, that layer runs the other positions only as far as their keys/values (the attention function
+  stops the layer there) and the rest of it on the last position alone;
+- **decoding**: one generated token per row and step, attending to the prompt's and earlier steps' keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -35,8 +46,10 @@ from transformers import DynamicCache
 
 from ..layout import TokenLayout
 from ..models.base import Adapter, Embedded, Inputs
-from .attention import ACTIVE, BACKENDS, masked_softmax, probabilities, repeat_kv
-from .interventions import Capture, Discard, Intervention, Knockout, Patch, Positions, Steer
+from .attention import ACTIVE, BACKENDS, NAME, masked_softmax, probabilities, register, repeat_kv
+from .interventions import AnyCapture, AttentionCapture, Intervention, ResidualCapture
+from .ops import BiasLogits, BlockEdges, positions_mask
+from .plan import Plan, compile_plan
 
 LogitsAt = Literal["last", "all"]
 _FEW_POSITIONS = 16
@@ -48,15 +61,17 @@ class Trace:
 
     Attributes:
         logits: (B, V) at the last prompt position, or (B, L, V) with ``logits="all"``.
-        captures: capture name -> layer -> result (see :class:`Capture` for shapes).
+        captures: capture name -> layer -> result: a residual capture (B, L, D), or (B, D) with
+            ``reduce="mean"``; an attention capture (B, H, K).
         layout: the batch's token layout (extended with ``generated`` after generation).
         tokens: (B, T) generated ids (generation only; padded with -1 after a row stops).
         text: decoded answers (generation only).
-        step_logits: (B, T, V) logits that produced each generated token (generation only).
+        step_logits: (B, T, V) logits that produced each generated token (generation only; NaN after a row
+            stopped).
     """
 
     logits: torch.Tensor
-    captures: dict[str, dict[int, Any]] = field(default_factory=dict)
+    captures: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     layout: TokenLayout | None = None
     tokens: torch.Tensor | None = None
     text: list[str] | None = None
@@ -72,7 +87,7 @@ def run(
     inputs: Inputs,
     interventions: Sequence[Intervention] = (),
     *,
-    capture: Sequence[Capture] = (),
+    capture: Sequence[AnyCapture] = (),
     logits: LogitsAt = "last",
     attn: str = "sdpa",
 ) -> Trace:
@@ -80,17 +95,18 @@ def run(
 
     Args:
         adapter: the model.
-        inputs: a batch from ``adapter.prepare``.
-        interventions: Knockout, Patch, Steer, Discard objects.
-        capture: what to record.
+        inputs: a batch from ``adapter.prepare`` (or ``adapter.inputs_from_ids``).
+        interventions: Knockout, Steer, Patch, Ablate, Discard objects (any :class:`Intervention`).
+        capture: what to record (``Capture.residual(...)``, ``Capture.attention(...)``).
         logits: "last" for (B, V) at the last prompt position, "all" for (B, L, V).
         attn: "sdpa" (default) or "eager" (explicit softmax).
     """
-    emb = adapter.embed(inputs)
-    rows = torch.arange(inputs.batch_size)
-    fwd = _Forward(adapter, emb, inputs.layout, rows, [list(interventions)] * len(rows), capture, attn, logits)
-    fwd.prefill(0, 0, None)
-    return fwd.trace(slice(None))
+    with _avlens_attention(adapter):
+        emb = adapter.embed(inputs)
+        rows = torch.arange(inputs.batch_size)
+        fwd = _Forward(adapter, emb, inputs.layout, rows, [list(interventions)] * len(rows), capture, attn, logits)
+        fwd.prefill(0, 0, None)
+        return fwd.trace(slice(None))
 
 
 @torch.no_grad()
@@ -99,7 +115,7 @@ def run_conditions(
     inputs: Inputs,
     conditions: Mapping[str, Sequence[Intervention]],
     *,
-    capture: Sequence[Capture] = (),
+    capture: Sequence[AnyCapture] = (),
     logits: LogitsAt = "last",
     attn: str = "sdpa",
     incremental: bool = True,
@@ -117,6 +133,20 @@ def run_conditions(
     Returns:
         name -> Trace, in the order given.
     """
+    with _avlens_attention(adapter):
+        return _run_conditions(adapter, inputs, conditions, capture, logits, attn, incremental, max_rows)
+
+
+def _run_conditions(
+    adapter: Adapter,
+    inputs: Inputs,
+    conditions: Mapping[str, Sequence[Intervention]],
+    capture: Sequence[AnyCapture],
+    logits: LogitsAt,
+    attn: str,
+    incremental: bool,
+    max_rows: int,
+) -> dict[str, Trace]:
     emb = adapter.embed(inputs)
     layout, n, b = inputs.layout, adapter.n_layers, inputs.batch_size
     starts = {name: start_of(ivs, layout, n) for name, ivs in conditions.items()}
@@ -124,16 +154,16 @@ def run_conditions(
     per_batch = max(1, max_rows // b)
     length = inputs.length
     base = _Forward(adapter, emb, layout, torch.arange(b), [[]] * b, capture, attn, logits)
+    if incremental and base.last_only:
+        # The baseline keeps the last layer's output of the last position only; past the last layer, nothing
+        # but that position's logits can change.
+        acting = {k: (layer, max(pos, length - 1) if layer == n else pos) for k, (layer, pos) in acting.items()}
     # Conditions that only change the attention of the last few positions ride along in the baseline's own
     # pass, as extra query positions (each layer's weights are then read once for all of them).
-    foldable = incremental and not capture and logits == "last"
-    folded = [
-        name
-        for name in acting
-        if foldable
-        and length - acting[name][1] <= _FEW_POSITIONS
-        and all(isinstance(iv, Knockout | Steer) for iv in conditions[name])
-    ][:per_batch]
+    folded: list[str] = []
+    if incremental and not capture and logits == "last":
+        near = [k for k in acting if length - acting[k][1] <= _FEW_POSITIONS]
+        folded = [k for k in near if _plan(adapter, emb, layout, b, conditions[k]).attention_only][:per_batch]
     if folded:
         ivs = [list(conditions[name]) for name in folded for _ in range(b)]
         base.fold = _Forward(adapter, emb, layout, torch.arange(b).repeat(len(folded)), ivs, (), attn, logits)
@@ -179,35 +209,37 @@ def generate(
     interventions: Sequence[Intervention] = (),
     *,
     max_new_tokens: int = 32,
-    capture: Sequence[Capture] = (),
+    capture: Sequence[AnyCapture] = (),
     attn: str = "sdpa",
 ) -> Trace:
     """Greedy generation with the interventions applied in the prefill and at every decoding step.
 
     The new tokens form the ``generated`` group of the layout; a knockout or steer whose query group includes
-    it acts on them. Rows stop at the model's end-of-turn tokens.
+    it acts on them. Rows stop at the model's end-of-turn tokens; a stopped row's tokens are -1 and its step
+    logits NaN from then on.
     """
-    emb = adapter.embed(inputs)
-    layout = inputs.layout.extend(max_new_tokens)
-    b = inputs.batch_size
-    fwd = _Forward(adapter, emb, layout, torch.arange(b), [list(interventions)] * b, capture, attn, "last")
-    fwd.prefill(0, 0, None)
-    eos_ids = adapter.eos_ids
-    eos = torch.tensor(eos_ids)
-    tokens = torch.full((b, max_new_tokens), -1, dtype=torch.long)
-    step_logits = []
-    done = torch.zeros(b, dtype=torch.bool)
-    logits = fwd.last_logits
-    for t in range(max_new_tokens):
-        step_logits.append(logits)
-        nxt = logits.argmax(-1)
-        tokens[:, t] = torch.where(done, -1, nxt)
-        done |= torch.isin(nxt, eos)
-        if done.all() or t == max_new_tokens - 1:
-            break
-        logits = fwd.step(nxt)
-    n_gen = int((tokens >= 0).any(0).sum())
-    trace = fwd.trace(slice(None))
+    with _avlens_attention(adapter):
+        emb = adapter.embed(inputs)
+        layout = inputs.layout.extend(max_new_tokens)
+        b = inputs.batch_size
+        fwd = _Forward(adapter, emb, layout, torch.arange(b), [list(interventions)] * b, capture, attn, "last")
+        fwd.prefill(0, 0, None)
+        eos_ids = adapter.eos_ids
+        eos = torch.tensor(eos_ids, device=fwd.device)
+        tokens = torch.full((b, max_new_tokens), -1, dtype=torch.long)
+        step_logits = []
+        done = torch.zeros(b, dtype=torch.bool, device=fwd.device)
+        logits = fwd.last_logits
+        for t in range(max_new_tokens):
+            step_logits.append(torch.where(done[:, None], float("nan"), logits))
+            nxt = logits.argmax(-1)
+            tokens[:, t] = torch.where(done, -1, nxt).cpu()
+            done |= torch.isin(nxt, eos)
+            if done.all() or t == max_new_tokens - 1:
+                break
+            logits = fwd.step(nxt)
+        n_gen = int((tokens >= 0).any(0).sum())
+        trace = fwd.trace(slice(None))
     trace.logits = step_logits[0]
     trace.tokens = tokens[:, :n_gen]
     trace.step_logits = torch.stack(step_logits[:n_gen], 1)
@@ -221,70 +253,82 @@ def start_of(interventions: Sequence[Intervention], layout: TokenLayout, n_layer
     Raises:
         UnknownGroupError: a group the layout lacks. ValueError: a layer out of range.
     """
-    starts = [s for s in (_start(iv, layout, n_layers) for iv in interventions) if s is not None]
+    starts = [s for s in (iv.start(layout, n_layers) for iv in interventions) if s is not None]
     if not starts:
         return None
     return min(s[0] for s in starts), min(s[1] for s in starts)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Where interventions act
-# ---------------------------------------------------------------------------------------------------------
-def _check_layers(layers: Sequence[int], n_layers: int, what: str, upto: int) -> None:
-    bad = [i for i in layers if not 0 <= i < upto]
-    if bad:
-        raise ValueError(f"{what}: layer(s) {bad} out of range (the model has {n_layers} decoder layers)")
+@contextlib.contextmanager
+def _avlens_attention(adapter: Adapter) -> Iterator[None]:
+    """The text decoder's attention through avlens's function for the duration of a run, then as it was."""
+    register()
+    before = adapter.text_attention
+    if before != NAME:
+        adapter.set_text_attention(NAME)
+    try:
+        yield
+    finally:
+        if before != NAME:
+            adapter.set_text_attention(before)
 
 
-def _positions_mask(at: Positions, layout: TokenLayout) -> torch.Tensor:
-    if isinstance(at, str):
-        return layout.mask(at)
-    mask = torch.zeros_like(layout.valid)
-    mask[:, list(at)] = True
-    return mask & layout.valid
-
-
-def _first(mask: torch.Tensor) -> int | None:
-    cols = mask.any(0).nonzero()
-    return int(cols[0]) if len(cols) else None
-
-
-def _start(iv: Intervention, layout: TokenLayout, n: int) -> tuple[int, int] | None:
-    if isinstance(iv, Knockout | Steer):
-        layers, q, k = iv.layers, layout.mask(iv.query), layout.mask(iv.key)
-        _check_layers(layers, n, type(iv).__name__, n)
-        # Only queries that can see a key of the group (causally; a knockout never blocks the diagonal).
-        seen = (k & layout.valid).long().cumsum(1)
-        if isinstance(iv, Knockout):
-            seen = seen - k.long()
-        p = _first(q & (seen > 0))
-        return None if p is None or not layers else (layers[0], p)
-    if isinstance(iv, Patch):
-        _check_layers(iv.layers, n, "Patch", n + 1)
-        p = _first(_positions_mask(iv.at, layout))
-        return None if p is None or not iv.layers else (iv.layers[0], p)
-    if isinstance(iv, Discard):
-        if iv.from_layer >= n:
-            return None
-        _check_layers([iv.from_layer], n, "Discard", n)
-        p = _first(layout.mask(iv.group))
-        return None if p is None else (iv.from_layer, p)
-    raise TypeError(f"not an intervention: {iv!r}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One forward over a set of rows (samples x conditions)
-# ---------------------------------------------------------------------------------------------------------
-def _grouped_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """Attention of a few queries (R, H, Q, d) over key/value (R, H_kv, K, d) with torch's sdpa, the query
-    heads sharing a key/value head read it once (no repeated keys); mask (R, 1 or H, Q, K), bool or additive
-    -> (R, Q, H, d)."""
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+def _plan(adapter: Adapter, emb: Embedded, layout: TokenLayout, b: int, ivs: Sequence[Intervention]) -> Plan:
+    """The plan of one condition over the batch's rows (to ask what kind of operations it has)."""
+    return compile_plan(
+        [list(ivs)] * b,
+        (),
+        layout,
+        torch.arange(b),
+        batch_size=b,
+        prompt_length=emb.embeds.shape[1],
+        n_layers=adapter.n_layers,
+        n_heads=adapter.n_heads,
+        hidden=adapter.hidden_size,
     )
-    return out.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One pass over the layers
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Pass:
+    """The positions one pass over the decoder layers computes, and what follows from how they were chosen.
+
+    Attributes:
+        q_pos: (R, Q) absolute positions of the hidden rows (-1: a padding slot, after a discard).
+        text_pos: (R, Q) text position ids, or None (families without them).
+        rope_pos: (3, R, Q) rotary position ids.
+        causal: positions 0..L-1 of an unpadded batch, nothing before them: sdpa's own causal path (no mask) is
+            bit-identical to the model's forward.
+        dense: the hidden rows are exactly positions 0..L-1 of the layout (records keep the tensor itself).
+        prompt: a prompt pass (False: a decoding step; Qwen3's deepstack additions act on prompt positions).
+        keys_only: stop each layer as soon as its keys/values are cached.
+    """
+
+    q_pos: torch.Tensor
+    text_pos: torch.Tensor | None
+    rope_pos: torch.Tensor
+    causal: bool = False
+    dense: bool = False
+    prompt: bool = True
+    keys_only: bool = False
+
+    def split(self, head: int) -> tuple[_Pass, _Pass]:
+        """The first ``head`` positions as a keys-only pass, and the rest."""
+
+        def part(sl: slice, **kw: bool) -> _Pass:
+            text = None if self.text_pos is None else self.text_pos[:, sl]
+            return replace(self, q_pos=self.q_pos[:, sl], text_pos=text, rope_pos=self.rope_pos[..., sl], **kw)
+
+        return part(slice(None, head), keys_only=True, dense=False), part(slice(head, None), causal=False, dense=False)
+
+    def reorder(self, order: torch.Tensor, valid: torch.Tensor) -> _Pass:
+        """The positions in ``order`` (R, Q'), with padding slots where ``valid`` (R, Q') is False."""
+        text = None if self.text_pos is None else self.text_pos.gather(1, order)
+        rope = self.rope_pos.gather(2, order[None].expand(self.rope_pos.shape[0], -1, -1))
+        q_pos = torch.where(valid, self.q_pos.gather(1, order), -1)
+        return replace(self, q_pos=q_pos, text_pos=text, rope_pos=rope, causal=False, dense=False)
 
 
 class _KeysStored(Exception):
@@ -300,8 +344,20 @@ def _gather(mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return out * (pos >= 0)[..., None]
 
 
+def _grouped_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Attention of a few queries (R, H, Q, d) over key/value (R, H_kv, K, d) with torch's sdpa, the query
+    heads sharing a key/value head read it once (no repeated keys); mask (R, 1 or H, Q, K), bool or additive
+    -> (R, Q, H, d)."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
+    return out.transpose(1, 2)
+
+
 class _Forward:
-    """State of one forward (and its decoding steps) over R rows; each row is (sample, condition)."""
+    """One forward (and its decoding steps) over R rows, each row a (sample, condition), executing a plan."""
 
     def __init__(
         self,
@@ -310,170 +366,143 @@ class _Forward:
         layout: TokenLayout,
         rows: torch.Tensor,
         interventions: list[list[Intervention]],
-        capture: Sequence[Capture],
+        capture: Sequence[AnyCapture],
         attn: str,
         logits: LogitsAt,
     ) -> None:
         if attn not in BACKENDS:
             raise ValueError(f"attn must be one of {list(BACKENDS)}, not {attn!r}")
         self.adapter, self.emb, self.rows = adapter, emb, rows
+        self.device = emb.embeds.device
         self.layout = layout.select(rows)
+        self.valid = self.layout.valid.to(self.device)
         self.n = adapter.n_layers
         self.backend = BACKENDS[attn]
         self.logits_at = logits
         self.capture = list(capture)
-        self.keep_inputs: set[int] = set()
-        self.inputs_kept: dict[int, torch.Tensor] = {}
-        self._compile(interventions)
-        self.residual: dict[int, torch.Tensor] = {}
+        self.plan = compile_plan(
+            interventions,
+            self.capture,
+            self.layout,
+            rows,
+            batch_size=emb.embeds.shape[0],
+            prompt_length=emb.embeds.shape[1],
+            n_layers=self.n,
+            n_heads=adapter.n_heads,
+            hidden=adapter.hidden_size,
+            device=self.device,
+        )
+        self.windows = {i: adapter.attention_window(i) for i in range(self.n)}
+        # Results.
+        self.states: dict[tuple[int, str], torch.Tensor] = {}
         self.mass: dict[str, dict[int, torch.Tensor]] = {}
         self.logits: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
-        self.decoding = False
-        self._keys_only = False
+        # The baseline keeps its residual at the layers where conditions start: layer -> (hidden, first pos).
+        self.keep_inputs: set[int] = set()
+        self.inputs_kept: dict[int, tuple[torch.Tensor, int]] = {}
         # Conditions folded into this run's pass (see start_fold), or None.
         self.fold: _Forward | None = None
         # Nothing asks for the last layer's output at any but the last position: that layer then runs the
         # other positions only as far as their keys/values (which later queries attend to).
-        self._last_only = logits == "last" and self.n not in self.residual_layers and self.n - 1 not in self.att_specs
+        last, states = self.n - 1, self.plan.sites("states")
+        self.last_only = (
+            logits == "last"
+            and not states & {(self.n, "residual"), (last, "attn_out"), (last, "mlp_out")}
+            and last not in self.plan.layers("attention")
+        )
 
-    # -- compilation of the rows' interventions into per-layer masks ------------------------------------------
-    def _compile(self, interventions: list[list[Intervention]]) -> None:
-        r, length, n = len(self.rows), self.layout.length, self.n
-        lay = self.layout
-        # The same intervention object usually serves every row of a condition: compile it once for its rows.
-        rows_of: dict[int, tuple[Intervention, torch.Tensor]] = {}
-        for row, ivs in enumerate(interventions):
-            for iv in ivs:
-                if id(iv) not in rows_of:
-                    rows_of[id(iv)] = (iv, torch.zeros(r, 1, dtype=torch.bool))
-                rows_of[id(iv)][1][row] = True
-        self.knock: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.steer: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]]] = {}
-        self.patch: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.discard: dict[int, torch.Tensor] = {}
-        for iv, on in rows_of.values():
-            _start(iv, lay, n)  # validates group names and layers
-            if isinstance(iv, Knockout):
-                q, k = lay.mask(iv.query) & on, lay.mask(iv.key) & on
-                for i in iv.layers:
-                    self.knock.setdefault(i, []).append((q, k))
-            elif isinstance(iv, Steer):
-                q, k = lay.mask(iv.query) & on, lay.mask(iv.key) & on
-                heads = torch.zeros(self.adapter.n_heads, dtype=torch.bool)
-                heads[list(iv.heads) if iv.heads is not None else slice(None)] = True
-                for i in iv.layers:
-                    self.steer.setdefault(i, []).append((q, k, heads, iv.alpha, iv.mode))
-            elif isinstance(iv, Patch):
-                where = _positions_mask(iv.at, lay) & on
-                for i in iv.layers:
-                    src = iv.source[i]
-                    if src.dim() == 3 and src.shape[0] != self.emb.embeds.shape[0]:
-                        raise ValueError(
-                            f"Patch source at layer {i} has batch size {src.shape[0]}, "
-                            f"the inputs have {self.emb.embeds.shape[0]}"
-                        )
-                    prompt = self.emb.embeds.shape[1]
-                    if src.shape[-2] != prompt or src.shape[-1] != self.adapter.hidden_size:
-                        raise ValueError(
-                            f"Patch source at layer {i} has shape {tuple(src.shape)}; expected (B, {prompt}, "
-                            f"{self.adapter.hidden_size}) for this batch"
-                        )
-                    src = src[self.rows] if src.dim() == 3 else src.expand(r, -1, -1)
-                    if src.shape[1] < length:  # generation: the prompt part only
-                        src = torch.cat([src, src.new_zeros(r, length - src.shape[1], src.shape[2])], 1)
-                    self.patch.setdefault(i, []).append((where, src))
-            elif isinstance(iv, Discard) and iv.from_layer < n:
-                drop = lay.mask(iv.group) & on
-                self.discard[iv.from_layer] = self.discard.get(iv.from_layer, torch.zeros_like(drop)) | drop
-        self.att_specs: dict[int, list[tuple[Capture, torch.Tensor, torch.Tensor]]] = {}
-        for cap in self.capture:
-            if cap.kind != "attention":
-                continue
-            q = lay.mask(cap.at)
-            keys = torch.stack([lay.mask(k) for k in cap.keys], -1).float()  # (R, L, G)
-            for i in cap.layers if cap.layers is not None else range(n):
-                self.att_specs.setdefault(i, []).append((cap, q, keys))
-        self.residual_layers: set[int] = set()
-        for cap in self.capture:
-            if cap.kind == "residual":
-                if cap.at is not None:
-                    _positions_mask(cap.at, lay)  # validates the group name early
-                self.residual_layers |= set(cap.layers if cap.layers is not None else range(n + 1))
-
-    # -- running ----------------------------------------------------------------------------------------------
+    # -- strategies: where a pass starts ------------------------------------------------------------------------
     def prefill(self, start_layer: int, start_pos: int, base: _Forward | None) -> None:
-        """Run positions >= start_pos through layers >= start_layer (the rest comes from ``base``)."""
-        emb = self.emb
-        r = len(self.rows)
+        """Run positions >= start_pos through layers >= start_layer: the full strategy from the embeddings, or
+        the shared-prefix strategy from ``base`` (its residual at start_layer, its keys/values before
+        start_pos)."""
+        emb, r, dev = self.emb, len(self.rows), self.device
         length = emb.embeds.shape[1]
-        self.q_pos = torch.arange(start_pos, length).expand(r, -1)
+        q_pos = torch.arange(start_pos, length, device=dev).expand(r, -1)
         if start_layer == 0:
             hidden = emb.embeds[self.rows, start_pos:]
         else:
-            hidden = base.inputs_kept[start_layer][self.rows, start_pos:]
-        pos = emb.position_ids[:, self.rows, start_pos:]
-        self.text_pos, self.rope_pos = (pos[0], pos[1:]) if pos.shape[0] == 4 else (None, pos)
+            kept, first = base.inputs_kept[start_layer]
+            hidden = kept[self.rows, start_pos - first :]
+        text_pos, rope_pos = self.adapter.split_positions(emb.position_ids[:, self.rows, start_pos:])
+        plain = start_pos == 0 and bool(self.valid[:, :length].all())
+        self.now = _Pass(q_pos, text_pos, rope_pos, causal=plain, dense=start_pos == 0 and length == self.layout.length)
         self.cache = DynamicCache()
         self.k_pos: dict[int, torch.Tensor] = {}
         # The baseline's keys/values of positions < start_pos, per sample: shared by every row, never copied.
         self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if start_pos > 0:
-            positions = torch.arange(start_pos).expand(r, -1)
+            positions = torch.arange(start_pos, device=dev).expand(r, -1)
             for i in range(start_layer, self.n):
                 layer = base.cache.layers[i]
                 self.prefix[i] = (layer.keys[:, :, :start_pos], layer.values[:, :, :start_pos])
                 self.k_pos[i] = positions
         if base is not None:
-            self._inherit(base, start_layer)
-        self.start = (start_layer, start_pos)
-        self._plain = start_pos == 0 and bool(self.layout.valid[:, :length].all())
-        self._whole = start_pos == 0 and length == self.layout.length  # hidden rows are positions 0..L-1
+            self._inherit(base)
         self.length = length
         if self.fold is not None:
             hidden = self._with_fold_slots(hidden)
         hidden = self._layers(hidden, start_layer)
         self._finish(hidden)
 
-    # -- conditions folded into another run's pass --------------------------------------------------------------
     def start_fold(self, start_pos: int, samples: int) -> None:
-        """Make this run (rows = conditions x ``samples``, condition-major) ride along in its parent's forward:
-        positions >= start_pos of every row become extra query positions ("slots") of the parent's sequences,
-        from the first layer on, attending to the parent's keys/values of positions < start_pos and to their
-        own row's slots. Interventions must act through attention only (Knockout, Steer)."""
-        r, length = len(self.rows), self.emb.embeds.shape[1]
-        self.q_pos = torch.arange(start_pos, length).expand(r, -1)
-        self.start, self.length = (0, start_pos), length
-        self._plain = self._whole = False
+        """The folded-slots strategy: make this run (rows = conditions x ``samples``, condition-major) ride along
+        in its parent's forward: positions >= start_pos of every row become extra query positions ("slots") of
+        the parent's sequences, from the first layer on, attending to the parent's keys/values of positions <
+        start_pos and to their own row's slots. Its plan must act through attention only."""
+        assert self.plan.attention_only
+        r, length, dev = len(self.rows), self.emb.embeds.shape[1], self.device
+        q_pos = torch.arange(start_pos, length, device=dev).expand(r, -1)
+        self.now = _Pass(q_pos, *self.adapter.split_positions(self.emb.position_ids[:, self.rows, start_pos:]))
+        self.length = length
         # The parent's keys are its own positions 0..L-1, then the slots, slot j = (condition c, position t).
         c, t = r // samples, length - start_pos
-        slot_pos = torch.arange(start_pos, length).repeat(c)  # (C*T,)
-        slot_cond = torch.arange(c).repeat_interleave(t)
-        key_pos = torch.cat([torch.arange(length), slot_pos])  # (K,)
-        key_cond = torch.cat([torch.full((length,), -1), slot_cond])
+        slot_pos = torch.arange(start_pos, length, device=dev).repeat(c)  # (C*T,)
+        slot_cond = torch.arange(c, device=dev).repeat_interleave(t)
+        key_pos = torch.cat([torch.arange(length, device=dev), slot_pos])  # (K,)
+        key_cond = torch.cat([torch.full((length,), -1, device=dev), slot_cond])
         prefix = (key_cond < 0) & (key_pos < start_pos)
         same = key_cond[None] == slot_cond[:, None]
-        seen = (prefix[None, None] & self.layout.valid[:samples, key_pos][:, None]) | (
+        seen = (prefix[None, None] & self.valid[:samples, key_pos][:, None]) | (
             same & (key_pos[None] <= slot_pos[:, None])
         )[None]  # (S, C*T, K)
-        row = slot_cond[None] * samples + torch.arange(samples)[:, None]  # (S, C*T): the row each slot belongs to
+        row = slot_cond[None] * samples + torch.arange(samples, device=dev)[:, None]  # (S, C*T): each slot's row
         self._fold_geometry = (row, slot_pos, key_pos, seen, same & (key_pos[None] == slot_pos[:, None]))
 
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decoding strategy, one step: tokens (R,) -> next-token logits (R, V)."""
+        ad = self.adapter
+        pos_abs = self.length
+        self.length += 1
+        prompt = self.emb.embeds.shape[1]
+        ids = ad.next_positions(self.emb.position_ids[:, self.rows], pos_abs - prompt)
+        text_pos, rope_pos = ad.split_positions(ids)
+        self.now = _Pass(torch.full((len(self.rows), 1), pos_abs, device=self.device), text_pos, rope_pos, prompt=False)
+        hidden = ad.embed_tokens(tokens[:, None].to(ad.device))
+        hidden = self._layers(hidden, 0)
+        self._finish(hidden, decoding=True)
+        return self.last_logits
+
+    # -- the folded slots ------------------------------------------------------------------------------------
     def slot_mask(self, layer: int) -> torch.Tensor:
         """Mask (S, 1 or H, C*T, K) of this folded run's slots over its parent's keys at one layer: a slot sees
-        the keys before the first folded position and its own row's slots, as its interventions allow (bool,
-        or additive float with steering)."""
+        the keys before the first folded position and its own row's slots, as its plan allows (bool, or
+        additive float with biased logits)."""
         row, slot_pos, key_pos, seen, diag = self._fold_geometry
+        window = self.windows[layer]
+        if window is not None:
+            seen = seen & (key_pos[None] > slot_pos[:, None] - window)[None]
 
         def edges(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # (R, L) masks -> (S, C*T, K) edges
             return q[row, slot_pos[None]][..., None] & k[row[..., None], key_pos[None, None]]
 
-        return self._intervened(seen, diag, self.knock.get(layer, ()), self.steer.get(layer, ()), edges)
+        return self._intervened(layer, seen, diag, edges)
 
     @property
     def _slots(self) -> int:
         """Slots the folded run adds to each of this run's sequences (conditions x positions)."""
-        return 0 if self.fold is None else self.fold.q_pos.numel() // len(self.rows)
+        return 0 if self.fold is None else self.fold.now.q_pos.numel() // len(self.rows)
 
     def _to_slots(self, x: torch.Tensor) -> torch.Tensor:
         """A folded run's per-row tensor (C*S, T, ...) -> the parent's slots (S, C*T, ...)."""
@@ -481,128 +510,125 @@ class _Forward:
         c, t = x.shape[0] // s, x.shape[1]
         return x.reshape(c, s, t, *x.shape[2:]).transpose(0, 1).reshape(s, c * t, *x.shape[2:])
 
-    def _from_slots(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """The parent's slots (S, ..., C*T, ...) with slots on ``dim`` -> the folded run's rows (C*S, ..., T, ...)."""
-        fold = self.fold
-        s, t = len(self.rows), fold.q_pos.shape[1]
-        c = len(fold.rows) // s
-        x = x.movedim(dim, 1)
-        x = x.reshape(s, c, t, *x.shape[2:]).transpose(0, 1).reshape(c * s, t, *x.shape[2:])
-        return x.movedim(1, dim)
+    def _from_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """The parent's slots (S, C*T, ...) -> the folded run's rows (C*S, T, ...)."""
+        s, t = len(self.rows), self.fold.now.q_pos.shape[1]
+        c = len(self.fold.rows) // s
+        return x.reshape(s, c, t, *x.shape[2:]).transpose(0, 1).reshape(c * s, t, *x.shape[2:])
 
     def _with_fold_slots(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (S, L, D) with the folded run's slots appended (copies of the inputs at its positions), and
         the same for the position ids."""
-        pos = self._to_slots(self.fold.q_pos)[0]  # (C*T,): the same positions for every sample
-        ids = self.emb.position_ids[:, self.rows][..., pos]
-        if self.text_pos is not None:
-            self.text_pos = torch.cat([self.text_pos, ids[0]], 1)
-        self.rope_pos = torch.cat([self.rope_pos, ids[-self.rope_pos.shape[0] :]], -1)
+        pos = self._to_slots(self.fold.now.q_pos)[0]  # (C*T,): the same positions for every sample
+        text, rope = self.adapter.split_positions(self.emb.position_ids[:, self.rows][..., pos])
+        now = self.now
+        self.now = replace(
+            now,
+            text_pos=None if now.text_pos is None else torch.cat([now.text_pos, text], 1),
+            rope_pos=torch.cat([now.rope_pos, rope], -1),
+        )
         return torch.cat([hidden, self.emb.embeds[self.rows][:, pos]], 1)
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One decoding step: tokens (R,) -> next-token logits (R, V)."""
-        ad = self.adapter
-        pos_abs = self.length
-        self.length += 1
-        self.q_pos = torch.full((len(self.rows), 1), pos_abs)
-        nxt = self._next_position[:, None] + (pos_abs - self.emb.embeds.shape[1])
-        rope = nxt[None].expand(3, -1, -1)
-        self.text_pos, self.rope_pos = (nxt, rope) if self.text_pos is not None else (None, rope)
-        self._plain = self._whole = False
-        self.decoding = True
-        hidden = ad.embed_tokens(tokens[:, None].to(ad.device))
-        hidden = self._layers(hidden, 0)
-        self._finish(hidden, decoding=True)
-        return self.last_logits
-
-    @property
-    def _next_position(self) -> torch.Tensor:
-        return self.emb.position_ids[:, self.rows].amax(dim=(0, 2)) + 1
-
+    # -- running the layers ------------------------------------------------------------------------------------
     def _layers(self, hidden: torch.Tensor, start_layer: int) -> torch.Tensor:
         ad = self.adapter
-        cos_sin = ad.text_model.rotary_emb(hidden, self.rope_pos)
+        cos_sin = ad.rotary(hidden, self.now.rope_pos)
         token = ACTIVE.set(self)
         try:
-            for i in range(start_layer, self.n):
-                hidden, cos_sin = self._between(i, hidden, cos_sin)
-                own = hidden.shape[1] - self._slots
-                if i == self.n - 1 and self._last_only and own > 1:
-                    hidden, cos_sin = self._store_keys(i, hidden, cos_sin, own - 1)
-                hidden = self._call_layer(i, hidden, cos_sin)
-                if i in self.emb.additions and not self.decoding:  # (deepstack: prompt positions only)
-                    pos = (
-                        self.q_pos if self.fold is None else torch.cat([self.q_pos, self._to_slots(self.fold.q_pos)], 1)
-                    )
-                    added = _gather(self.emb.additions[i][self.rows], pos.to(hidden.device))
-                    hidden = hidden + added.to(hidden.dtype)
-            hidden, _ = self._between(self.n, hidden, cos_sin)
+            with self._site_hooks(start_layer):
+                for i in range(start_layer, self.n):
+                    hidden, cos_sin = self._between(i, hidden, cos_sin)
+                    own = hidden.shape[1] - self._slots
+                    if i == self.n - 1 and self.last_only and own > 1:
+                        hidden, cos_sin = self._store_keys(i, hidden, cos_sin, own - 1)
+                    hidden = self._call_layer(i, hidden, cos_sin)
+                    if i in self.emb.additions and self.now.prompt:  # (deepstack: prompt positions only)
+                        pos = self.now.q_pos
+                        if self.fold is not None:
+                            pos = torch.cat([pos, self._to_slots(self.fold.now.q_pos)], 1)
+                        added = _gather(self.emb.additions[i][self.rows], pos.to(hidden.device))
+                        hidden = hidden + added.to(hidden.dtype)
+                hidden, _ = self._between(self.n, hidden, cos_sin)
         finally:
             ACTIVE.reset(token)
         return hidden
 
     def _call_layer(self, i: int, hidden: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
-        """Decoder layer i on hidden (R, Q, D) at the current positions (``q_pos``), whose keys join the layer's."""
+        """Decoder layer i on hidden (R, Q, D) at the current positions, whose keys join the layer's."""
         prev = self.k_pos.get(i)
-        self.k_pos[i] = self.q_pos if prev is None else torch.cat([prev, self.q_pos], 1)
-        return self.adapter.layers[i](
-            hidden,
-            attention_mask=None,
-            position_ids=self.text_pos,
-            past_key_values=self.cache,
-            use_cache=True,
-            position_embeddings=cos_sin,
-        )
+        q_pos = self.now.q_pos
+        self.k_pos[i] = q_pos if prev is None else torch.cat([prev, q_pos], 1)
+        return self.adapter.call_layer(i, hidden, text_positions=self.now.text_pos, cache=self.cache, rotary=cos_sin)
 
     def _store_keys(self, i: int, hidden: torch.Tensor, cos_sin: tuple, head: int) -> tuple[torch.Tensor, tuple]:
-        """Run layer i on the first ``head`` of the current positions only until their keys/values are in the
-        cache (the attention function stops the layer there), and return the other positions' hidden (R, Q',
-        D) and rotary embeddings, for the layer to run in full."""
-        q_pos, text_pos = self.q_pos, self.text_pos
-        self.q_pos = q_pos[:, :head]
-        self.text_pos = None if text_pos is None else text_pos[:, :head]
-        self._keys_only = True
+        """The keys-only strategy for layer i: run it on the first ``head`` of the current positions only until
+        their keys/values are in the cache (the attention function stops the layer there), and return the other
+        positions' hidden (R, Q', D) and rotary embeddings, for the layer to run in full."""
+        keys, rest = self.now.split(head)
+        self.now = keys
         try:
             self._call_layer(i, hidden[:, :head], tuple(t[:, :head] for t in cos_sin))
             raise RuntimeError(f"decoder layer {i} did not call its attention function")
         except _KeysStored:
             pass
-        finally:
-            self._keys_only = False
-        self.q_pos = q_pos[:, head:]
-        self.text_pos = None if text_pos is None else text_pos[:, head:]
-        self._plain = self._whole = False
+        self.now = rest
         return hidden[:, head:], tuple(t[:, head:] for t in cos_sin)
 
     def _between(self, i: int, hidden: torch.Tensor, cos_sin: tuple) -> tuple[torch.Tensor, tuple]:
-        """Residual-stream work at the input of layer i: patch, discard, record."""
-        for where, source in self.patch.get(i, ()):
-            sel = _gather(where, self.q_pos)
-            hidden = torch.where(sel[..., None], _gather(source, self.q_pos).to(hidden.dtype), hidden)
-        if i in self.discard:
-            hidden, cos_sin = self._discard(self.discard[i], hidden, cos_sin)
+        """Residual-stream work at the input of layer i: write, drop, keep for conditions, record."""
+        hidden = self._write(i, "residual", hidden)
+        if i in self.plan.drops:
+            hidden, cos_sin = self._drop(self.plan.drops[i], hidden, cos_sin)
         if i in self.keep_inputs:
-            self.inputs_kept[i] = hidden[:, : hidden.shape[1] - self._slots]
-        if i in self.residual_layers:
-            self._record_residual(i, hidden)
+            self.inputs_kept[i] = (hidden[:, : hidden.shape[1] - self._slots], int(self.now.q_pos[0, 0]))
+        self._record_state(i, "residual", hidden)
         return hidden, cos_sin
 
-    def _discard(self, drop: torch.Tensor, hidden: torch.Tensor, cos_sin: tuple) -> tuple[torch.Tensor, tuple]:
+    def _write(self, i: int, site: str, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (R, Q, D) at site ``site`` of layer i with the plan's writes applied at the current positions."""
+        for op in self.plan.at("writes", i):
+            if op.site != site:
+                continue
+            sel = _gather(op.where, self.now.q_pos)
+            values = _gather(op.values, self.now.q_pos) if op.values.dim() == 3 else op.values
+            hidden = torch.where(sel[..., None], values.to(hidden.device, hidden.dtype), hidden)
+        return hidden
+
+    @contextlib.contextmanager
+    def _site_hooks(self, start_layer: int) -> Iterator[None]:
+        """Forward hooks on the adapter's site modules that apply the plan's writes and records there, for the
+        layers this pass runs; removed afterwards."""
+        sites = {(i, s) for i, s in self.plan.sites("writes") | self.plan.sites("states") if s != "residual"}
+        handles = []
+        for i, site in sorted(sites):
+            if i < start_layer:
+                continue
+
+            def hook(_module: torch.nn.Module, _args: Any, output: Any, i: int = i, site: str = site) -> Any:
+                state = output[0] if isinstance(output, tuple) else output
+                state = self._write(i, site, state)
+                self._record_state(i, site, state)
+                return (state, *output[1:]) if isinstance(output, tuple) else state
+
+            handles.append(self.adapter.site_module(i, site).register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _drop(self, drop: torch.Tensor, hidden: torch.Tensor, cos_sin: tuple) -> tuple[torch.Tensor, tuple]:
         """Remove the positions in ``drop`` (R, L) from the current rows, left-padding rows to a common length."""
-        keep = ~_gather(drop, self.q_pos) & (self.q_pos >= 0)
+        q_pos = self.now.q_pos
+        keep = ~_gather(drop, q_pos) & (q_pos >= 0)
         counts = keep.sum(1)
         width = int(counts.max())
         # Stable order: kept positions keep their order, padding slots come first.
         order = torch.argsort(keep.long(), dim=1, stable=True)[:, -width:]
-        slot_ok = torch.arange(width)[None] >= (width - counts)[:, None]
-        self.q_pos = torch.where(slot_ok, self.q_pos.gather(1, order), -1)
+        slot_ok = torch.arange(width, device=q_pos.device)[None] >= (width - counts)[:, None]
+        self.now = self.now.reorder(order, slot_ok)
         hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
         cos, sin = (t.gather(1, order[..., None].expand(-1, -1, t.shape[-1])) for t in cos_sin)
-        self.rope_pos = self.rope_pos.gather(2, order[None].expand(self.rope_pos.shape[0], -1, -1))
-        if self.text_pos is not None:
-            self.text_pos = self.text_pos.gather(1, order)
-        self._plain = self._whole = False
         return hidden, (cos, sin)
 
     def _finish(self, hidden: torch.Tensor, decoding: bool = False) -> None:
@@ -628,13 +654,12 @@ class _Forward:
     ) -> torch.Tensor:
         """Attention of one decoder layer for this run (and the conditions folded into it): query (R, H, Q, d),
         key/value (R, H_kv, K, d) as the layer computed them -> (R, Q, H, d)."""
-        if self._keys_only:  # the keys/values are in the cache: nothing else of this layer is needed
+        if self.now.keys_only:  # the keys/values are in the cache: nothing else of this layer is needed
             raise _KeysStored
         if self._slots:  # own positions first, then the folded run's slots (keys likewise)
             v = self._slots
             own = self._attend_own(layer, module, query[:, :, :-v], key[:, :, :-v], value[:, :, :-v], scaling)
-            mask = self.fold.slot_mask(layer).to(query.device)
-            slots = _grouped_attention(query[:, :, -v:], key, value, mask, scaling)
+            slots = _grouped_attention(query[:, :, -v:], key, value, self.fold.slot_mask(layer), scaling)
             return torch.cat([own, slots], 1)
         return self._attend_own(layer, module, query, key, value, scaling)
 
@@ -652,8 +677,7 @@ class _Forward:
         prefix = self.prefix.get(layer)
         k_len = key.shape[2] + (0 if prefix is None else prefix[0].shape[2])
         mask = self._mask(layer, query.shape[2], k_len)
-        mask = None if mask is None else mask.to(query.device)
-        if layer in self.att_specs:
+        if layer in self.plan.layers("attention"):
             full = key if prefix is None else torch.cat([prefix[0][self.rows], key], 2)
             self._record_attention(layer, module, query, full, mask, scaling)
         if prefix is not None:
@@ -692,88 +716,99 @@ class _Forward:
         return out.transpose(1, 2).contiguous()
 
     def _mask(self, layer: int, q_len: int, k_len: int) -> torch.Tensor | None:
-        knocks, steers = self.knock.get(layer, ()), self.steer.get(layer, ())
-        if self._plain and not knocks and not steers and q_len == k_len:
+        """The attention mask of this run's own positions at ``layer``, on the query's device: causal, padding,
+        the layer's sliding window and the plan's edits; None where sdpa's own causal path gives the same."""
+        window = self.windows[layer]
+        edited = self.plan.at("blocks", layer) or self.plan.at("biases", layer)
+        if self.now.causal and not edited and window is None and q_len == k_len:
             return None  # causal, no padding: sdpa's own causal path, bit-identical to the model's forward
-        qp, kp = self.q_pos, self.k_pos[layer]
+        qp, kp = self.now.q_pos, self.k_pos[layer]
         diag = kp[:, None, :] == qp[:, :, None]
-        allowed = (kp[:, None, :] <= qp[:, :, None]) & _gather(self.layout.valid, kp)[:, None, :]
+        allowed = (kp[:, None, :] <= qp[:, :, None]) & _gather(self.valid, kp)[:, None, :]
+        if window is not None:  # transformers' sliding window: a key fewer than `window` positions back
+            allowed = allowed & (kp[:, None, :] > qp[:, :, None] - window)
 
         def edges(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # (R, L) group masks -> (R, Q, K) edges
             return _gather(q, qp)[:, :, None] & _gather(k, kp)[:, None, :]
 
-        return self._intervened(allowed, diag, knocks, steers, edges)
+        return self._intervened(layer, allowed, diag, edges)
 
     def _intervened(
         self,
+        layer: int,
         allowed: torch.Tensor,
         diag: torch.Tensor,
-        knocks: Sequence,
-        steers: Sequence,
         edges: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """The attention mask from the open edges ``allowed`` (R, Q, K), less the knockouts' (never ``diag``,
-        a position's edge to itself), with the steers' logit bias; ``edges(q, k)`` gives the (R, Q, K) edges
-        from a query group mask to a key group mask. -> bool (R, 1, Q, K), or additive float (R, H, Q, K) with
-        steering."""
-        for q, k in knocks:
-            allowed = allowed & ~edges(q, k)
+        """The attention mask from the open edges ``allowed`` (R, Q, K), less the plan's blocked edges at
+        ``layer`` (never ``diag``, a position's edge to itself), with its logit biases; ``edges(q, k)`` gives the
+        (R, Q, K) edges from a query position mask to a key position mask. -> bool (R, 1, Q, K), or additive
+        float (R, H, Q, K) with biases."""
+        block: BlockEdges
+        for block in self.plan.at("blocks", layer):
+            allowed = allowed & ~edges(block.query, block.key)
         allowed = (allowed | diag)[:, None]
-        if not steers:
+        biases: tuple[BiasLogits, ...] = self.plan.at("biases", layer)
+        if not biases:
             return allowed
-        bias = torch.zeros(allowed.shape[0], self.adapter.n_heads, *allowed.shape[2:])
-        for q, k, heads, alpha, mode in steers:
-            amount = torch.log1p(torch.tensor(alpha)) if mode == "post" else torch.tensor(alpha)
-            bias[:, heads] += amount * edges(q, k).float()[:, None]
+        bias = torch.zeros(allowed.shape[0], self.adapter.n_heads, *allowed.shape[2:], device=allowed.device)
+        for op in biases:
+            bias[:, op.heads.to(allowed.device)] += op.amount * edges(op.query, op.key).float()[:, None]
         return torch.where(allowed, bias, torch.finfo(torch.float32).min).to(self.adapter.dtype)
 
+    # -- records --------------------------------------------------------------------------------------------
     def _record_attention(
         self, layer: int, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float
     ) -> None:
-        for cap, q, keys in self.att_specs[layer]:
-            sel = _gather(q, self.q_pos)  # (R, Q)
+        q_pos, k_pos = self.now.q_pos, self.k_pos[layer]
+        for op in self.plan.at("attention", layer):
+            sel = _gather(op.query.to(q_pos.device), q_pos)  # (R, Q)
             cols = sel.any(0).nonzero().flatten()
             if len(cols) == 0:
                 continue
             sub_mask = None if mask is None else mask[:, :, cols]
             if sub_mask is None:  # causal, no padding: build the rows' causal mask explicitly
-                qp, kp = self.q_pos[:, cols], self.k_pos[layer]
-                sub_mask = (kp[:, None, :] <= qp[:, :, None])[:, None]
+                sub_mask = (k_pos[:, None, :] <= q_pos[:, cols][:, :, None])[:, None]
             probs = probabilities(module, query[:, :, cols], key, sub_mask, scaling).float()
-            mass = torch.einsum("rhqk,rkg->rhqg", probs, _gather(keys, self.k_pos[layer]))
-            store = self.mass.setdefault(cap.name, {})
+            mass = torch.einsum("rhqk,rkg->rhqg", probs, _gather(op.keys.to(probs.device), k_pos))
+            store = self.mass.setdefault(op.name, {})
             if layer not in store:
                 store[layer] = mass.new_zeros(len(self.rows), mass.shape[1], self.layout.length, mass.shape[-1])
-            pos = self.q_pos[:, cols]
+            pos = q_pos[:, cols]
             ok = sel[:, cols]
-            r_idx = torch.arange(len(self.rows))[:, None].expand_as(pos)
+            r_idx = torch.arange(len(self.rows), device=pos.device)[:, None].expand_as(pos)
             store[layer][r_idx[ok], :, pos[ok]] = mass.permute(0, 2, 1, 3)[ok]
 
-    def _record_residual(self, i: int, hidden: torch.Tensor) -> None:
-        if self._whole and i not in self.residual:
-            self.residual[i] = hidden  # the whole sequence: keep the tensor itself, no copy
+    def _record_state(self, i: int, site: str, hidden: torch.Tensor) -> None:
+        if (i, site) not in self.plan.sites("states"):
             return
-        if i not in self.residual:
-            self.residual[i] = hidden.new_full((len(self.rows), self.layout.length, hidden.shape[-1]), float("nan"))
-        self._scatter(self.residual[i], hidden)
+        own = hidden[:, : hidden.shape[1] - self._slots] if site == "residual" else hidden
+        if self.now.dense and (i, site) not in self.states:
+            self.states[(i, site)] = own  # the whole sequence: keep the tensor itself, no copy
+            return
+        if (i, site) not in self.states:
+            dense = own.new_full((len(self.rows), self.layout.length, own.shape[-1]), float("nan"))
+            self.states[(i, site)] = dense
+        self._scatter(self.states[(i, site)], own)
 
     def _scatter(self, dense: torch.Tensor, values: torch.Tensor) -> None:
         """Write values (R, Q, ...) at the current absolute positions of dense (R, L, ...)."""
-        ok = self.q_pos >= 0
-        r_idx = torch.arange(len(self.rows))[:, None].expand_as(self.q_pos)
-        dense[r_idx[ok], self.q_pos[ok]] = values[ok].to(dense.dtype)
+        q_pos = self.now.q_pos
+        ok = q_pos >= 0
+        r_idx = torch.arange(len(self.rows), device=q_pos.device)[:, None].expand_as(q_pos)
+        dense[r_idx[ok], q_pos[ok]] = values[ok].to(dense.dtype)
 
-    def _inherit(self, base: _Forward, start_layer: int) -> None:
+    def _inherit(self, base: _Forward) -> None:
         """Start from the baseline's records for everything this run does not recompute."""
-        for i, h in base.residual.items():
-            self.residual[i] = h[self.rows].clone()
+        for key, h in base.states.items():
+            self.states[key] = h[self.rows].clone()
         for name, per_layer in base.mass.items():
             self.mass[name] = {i: m[self.rows].clone() for i, m in per_layer.items()}
         if base.logits is not None:
             self.logits = base.logits[self.rows].clone()
-        # Discarded positions have no residual from their discard layer on, and no logits.
-        for from_layer, drop in self.discard.items():
-            for i, h in self.residual.items():
+        # Discarded positions have no state from their discard layer on, and no logits.
+        for from_layer, drop in self.plan.drops.items():
+            for (i, _site), h in self.states.items():
                 if i >= from_layer:
                     h[drop] = float("nan")
             if self.logits is not None:
@@ -782,33 +817,38 @@ class _Forward:
     # -- results ------------------------------------------------------------------------------------------------
     def trace(self, rows: slice) -> Trace:
         """The Trace of a slice of this forward's rows."""
-        caps: dict[str, dict[int, Any]] = {}
+        caps: dict[str, dict[int, torch.Tensor]] = {}
         lay = self.layout.select(torch.arange(len(self.rows))[rows])
         for cap in self.capture:
-            if cap.kind == "residual":
-                layers = cap.layers if cap.layers is not None else range(self.n + 1)
-                caps[cap.name] = {i: _select(self.residual[i][rows], cap, lay) for i in layers}
-            else:
-                per_layer = self.mass.get(cap.name, {})
-                q = lay.mask(cap.at).float()  # (B, L)
-                out = {}
-                for i in cap.layers if cap.layers is not None else range(self.n):
-                    m = per_layer.get(i)
-                    if m is None:
-                        out[i] = torch.full((q.shape[0], self.adapter.n_heads, len(cap.keys)), float("nan"))
-                        continue
-                    out[i] = torch.einsum("bhlg,bl->bhg", m[rows], q) / q.sum(1)[:, None, None]
-                caps[cap.name] = out
+            if isinstance(cap, ResidualCapture):
+                caps[cap.name] = {
+                    i: _select(self.states[(i, cap.site)][rows], cap, lay) for i in cap.all_layers(self.n)
+                }
+            elif isinstance(cap, AttentionCapture):
+                caps[cap.name] = self._attention_result(cap, rows, lay)
         logits = self.logits[rows] if self.logits_at == "all" else self.last_logits[rows]
         return Trace(logits=logits, captures=caps, layout=lay)
 
+    def _attention_result(self, cap: AttentionCapture, rows: slice, lay: TokenLayout) -> dict[int, torch.Tensor]:
+        per_layer = self.mass.get(cap.name, {})
+        q = positions_mask(cap.query, lay).float().to(self.device)  # (B, L)
+        out = {}
+        for i in cap.all_layers(self.n):
+            m = per_layer.get(i)
+            if m is None:
+                out[i] = q.new_full((q.shape[0], self.adapter.n_heads, len(cap.keys)), float("nan"))
+                continue
+            out[i] = torch.einsum("bhlg,bl->bhg", m[rows], q) / q.sum(1)[:, None, None]
+        return out
 
-def _select(dense: torch.Tensor, cap: Capture, layout: TokenLayout) -> Any:
-    """A residual capture's result from the dense (B, L, D) record."""
+
+def _select(dense: torch.Tensor, cap: ResidualCapture, layout: TokenLayout) -> torch.Tensor:
+    """A residual capture's result from the dense (B, L, D) record: all of it, or NaN outside ``at``, or the
+    mean over ``at`` (B, D)."""
     if cap.at is None:
         return dense
-    mask = _positions_mask(cap.at, layout)
+    mask = positions_mask(cap.at, layout).to(dense.device)
     if cap.reduce == "mean":
         w = mask.to(dense.dtype)
         return torch.einsum("bld,bl->bd", torch.nan_to_num(dense), w) / w.sum(1, keepdim=True)
-    return [dense[b, mask[b]] for b in range(dense.shape[0])]
+    return torch.where(mask[..., None], dense, float("nan"))

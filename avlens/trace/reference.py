@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 
 from ..models.base import Adapter, Inputs
-from .attention import NAME
 from .interventions import Knockout
 
 
@@ -45,10 +44,11 @@ def knockout_logits(adapter: Adapter, inputs: Inputs, knockouts: Sequence[Knocko
             return args, kwargs
 
         hooks.append(layer.register_forward_pre_hook(write_mask, with_kwargs=True))
-    adapter.model.set_attn_implementation({"text_config": "eager"})
+    before = adapter.text_attention
+    adapter.set_text_attention("eager")
     try:
         return adapter.model(**adapter.model_inputs(inputs), use_cache=False).logits.float()
     finally:
-        adapter.model.set_attn_implementation({"text_config": NAME})
+        adapter.set_text_attention(before)
         for h in hooks:
             h.remove()
