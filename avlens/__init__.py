@@ -33,7 +33,7 @@ from .errors import AvlensError, InputError, MediaError, ModelNotFoundError, Unk
 from .layout import TokenLayout
 from .models import Adapter, Clip, Inputs, Sample
 from .models import load as _load_checkpoint
-from .trace import Capture, Discard, Knockout, Patch, Steer, Trace, generate, run, run_conditions
+from .trace import Ablate, Capture, Discard, Knockout, Patch, Steer, Trace, generate, run, run_conditions
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -66,6 +66,7 @@ def load(name: str | Path, *, family: str | None = None, **kwargs: Any) -> Adapt
 
 
 __all__ = [
+    "Ablate",
     "Adapter",
     "AvlensError",
     "Capture",

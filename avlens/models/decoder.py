@@ -83,12 +83,12 @@ class DecoderContract(ABC):
         """The module of layer ``index`` whose output is the state at ``site`` (attn_in, attn_out, mlp_out)."""
 
     def attention_window(self, index: int) -> int | None:
-        """Layer ``index``'s sliding window (a query sees keys fewer than this many positions back), or None."""
-        cfg = self.text_config
-        types = getattr(cfg, "layer_types", None)
-        if types is not None and types[index] == "sliding_attention":
-            return int(cfg.sliding_window)
-        return None
+        """Layer ``index``'s sliding window (a query sees keys fewer than this many positions back), or None.
+
+        Read from the layer's attention module, which is what transformers hands its attention functions (a
+        family whose text model has no sliding layers sets None there whatever its config says)."""
+        window = getattr(self.layers[index].self_attn, "sliding_window", None)
+        return None if window is None else int(window)
 
     def check_supported(self) -> None:
         """Refuse a text config the engine would not run faithfully, naming the setting.

@@ -63,6 +63,7 @@ def tiny_model(
     seed: int = 0,
     save_to: str | Path | None = None,
     audio_chunk_seconds: int = 30,
+    text_config: dict[str, Any] | None = None,
 ) -> Adapter:
     """A randomly initialised model of ``family`` with a word-level tokenizer carrying the family's tokens.
 
@@ -70,6 +71,7 @@ def tiny_model(
         save_to: also save it as a Hugging Face checkpoint directory there (config.json, model.safetensors,
             tokenizer, preprocessor_config.json), loadable by ``avlens.load``.
         audio_chunk_seconds: the audio feature extractor's padding length (Qwen uses 300 s; small is faster).
+        text_config: settings of the text decoder's config to add or override (e.g. ``layer_types``).
     """
     cls = ADAPTERS[family]
     tokenizer = build_tokenizer(words, cls.tokens)
@@ -77,6 +79,8 @@ def tiny_model(
     config = _config(
         family, tokenizer, layers, hidden, heads, kv_heads, intermediate or 2 * hidden, encoder_hidden, encoder_layers
     )
+    for key, value in (text_config or {}).items():
+        setattr(config.get_text_config(), key, value)
     model = cls.model_class._from_config(config, dtype=torch.float32).eval()
     preprocessor = preprocessor_config(audio_chunk_seconds, has_audio=cls.has_audio)
     video = video_preprocessor_config()
