@@ -136,10 +136,11 @@ class TokenLayout:
         return replace(self, groups={k: v[idx] for k, v in self.groups.items()}, valid=self.valid[idx])
 
     def with_group(self, name: str, mask: torch.Tensor) -> TokenLayout:
-        """A copy with one more group (bool (B, L), e.g. detected sink tokens)."""
+        """A copy with one more group (bool (B, L), e.g. detected sink tokens); a group of that name is replaced."""
         if mask.shape != self.valid.shape:
             raise ValueError(f"group '{name}' has shape {tuple(mask.shape)}, layout is {tuple(self.valid.shape)}")
-        return replace(self, groups={**self.groups, name: mask.bool() & self.valid}, order=[*self.order, name])
+        order = self.order if name in self.order else [*self.order, name]
+        return replace(self, groups={**self.groups, name: mask.bool() & self.valid}, order=order)
 
     def extend(self, n: int) -> TokenLayout:
         """A copy with ``n`` more positions, all in the ``generated`` group."""
