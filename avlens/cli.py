@@ -342,7 +342,7 @@ def data_dominance(
     """Split clips into audio-dominant and video-dominant sets by the model's answers on the joint clip, its
     audio alone (frames zeroed) and its video alone (waveform zeroed), as in P2."""
     from . import load
-    from .data import dominance
+    from .analyses.dominance import dominance
 
     adapter = load(model)
     with _Bars() as bars:

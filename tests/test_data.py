@@ -1,4 +1,5 @@
-"""Tests of manifests and dataset builders (avlens.data): counterfactual variants, dominance splits, multi-clip."""
+"""Tests of manifests and dataset builders (avlens.data): counterfactual variants, multi-clip prompts; and of the
+dominance splits (avlens.analyses.dominance), which ask a model."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-import avlens.data.builders as builders
+import avlens.analyses.dominance as dominance_module
+from avlens.analyses.dominance import dominance
 from avlens.data import (
     CONDITIONS,
     counterfactual,
-    dominance,
     first_label,
     multiclip,
     read_manifest,
@@ -310,7 +311,7 @@ def test_dominance_keeps_exactly_the_rows_that_satisfy_the_rule(world, source, m
         calls.append(len(inputs.samples))
         return SimpleNamespace(text=[adapter.answer(s) for s in inputs.samples])
 
-    monkeypatch.setattr(builders, "generate", fake_generate)
+    monkeypatch.setattr(dominance_module, "generate", fake_generate)
     rows = [*source.to_dict("records"), dict(source.iloc[0], id="gone", video=str(tmp_path / "gone.mp4"))]
     manifest = write_manifest(pd.DataFrame(rows), tmp_path / "in.csv")
     progress = []
@@ -341,13 +342,13 @@ def test_dominance_keeps_exactly_the_rows_that_satisfy_the_rule(world, source, m
 
 
 def test_dominance_runs_on_a_tiny_model(world, source, omni_words, monkeypatch, tmp_path):
-    seen, real = [], builders.generate
+    seen, real = [], dominance_module.generate
 
     def spy(adapter, inputs, max_new_tokens):
         seen.append(inputs)
         return real(adapter, inputs, max_new_tokens=max_new_tokens)
 
-    monkeypatch.setattr(builders, "generate", spy)
+    monkeypatch.setattr(dominance_module, "generate", spy)
     manifest = write_manifest(source.head(4), tmp_path / "in.jsonl")
     labels = list(CLASSES)
     report = dominance(
@@ -359,7 +360,7 @@ def test_dominance_runs_on_a_tiny_model(world, source, omni_words, monkeypatch, 
         picked = [row[f"answer_{v}"] for v in ("joint", "audio_only", "video_only")]
         assert all(a is None or a in labels for a in picked)
         assert all(isinstance(row[f"text_{v}"], str) for v in ("joint", "audio_only", "video_only"))
-        assert row["dominant"] == builders._dominant(
+        assert row["dominant"] == dominance_module._dominant(
             dict(zip(("joint", "audio_only", "video_only"), picked, strict=True))
         )
     # the three variants of a clip are the same prompt: same tokens, only the zeroed media differ

@@ -1,7 +1,10 @@
 """Samples and manifests: reading and writing clip tables, and building datasets from them.
 
 * :mod:`avlens.data.manifest`: CSV / JSONL / Parquet manifests (``read_manifest``, ``write_manifest``).
-* :mod:`avlens.data.builders`: counterfactual variants, unimodal-dominance splits, multi-clip prompts.
+* :mod:`avlens.data.builders`: counterfactual variants, multi-clip prompts.
+
+Nothing here runs a model: unimodal-dominance splits, which ask the model, are
+:func:`avlens.analyses.dominance.dominance`.
 """
 
 from .builders import (
@@ -9,7 +12,6 @@ from .builders import (
     NOTHING,
     BuildReport,
     counterfactual,
-    dominance,
     first_label,
     multiclip,
     samples_from_multiclip,
@@ -21,7 +23,6 @@ __all__ = [
     "NOTHING",
     "BuildReport",
     "counterfactual",
-    "dominance",
     "first_label",
     "multiclip",
     "read_manifest",
