@@ -13,9 +13,11 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from .errors import AvlensError
 
@@ -198,54 +200,66 @@ def organism_sweep(
     console.print(dominance_table(table))
 
 
-@app.command("run")
+class _RunCommand(TyperCommand):
+    """``avlens run``: its help lists the analyses of the registry when it is shown (so analyses registered
+    after this module was imported appear too), without importing any analysis module."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from .analyses import names
+
+        listed = ", ".join(names())
+        for param in self.params:
+            if param.name == "name":
+                param.help = f"The analysis: {listed}."
+        super().format_help(ctx, formatter)
+
+
+@app.command("run", cls=_RunCommand)
 @fails_cleanly
 def run_command(
-    name: Annotated[
-        str, typer.Argument(help="counterfactual, probe, logit_lens, knockout, token_shift, attention_share.")
-    ],
+    name: Annotated[str, typer.Argument(help="The analysis (see avlens run --help).", show_default=False)],
     model: Annotated[str, typer.Option(help="A checkpoint directory, a hub id, or organism[:checkpoint].")],
     data: Annotated[Path, typer.Option(help="A manifest (e.g. from `avlens data counterfactual`).")],
     out: Annotated[Path, typer.Option(help="Run directory (re-run to resume; a changed config is refused).")],
-    base: Annotated[str | None, typer.Option(help="token_shift: the vision-language base model.")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="The vision-language base model, for analyses that need one.")
+    ] = None,
     question: Annotated[
         list[str] | None, typer.Option(help="Override the questions: kind=prompt (repeatable).")
     ] = None,
 ) -> None:
     """Run one analysis on one model over a manifest; records go to OUT/results/*.parquet, figures and
     headline numbers to OUT/summary.json and OUT/report.html."""
+    from dataclasses import asdict, replace
+
     from . import load
-    from .analyses import module
-    from .report.build import build_report, headlines
-    from .reproduce import default_configs, model_hash, run_analysis
-    from .runs import RunDir
+    from .analyses import get, strict_json
+    from .reproduce import check_needs, execute, model_hash
 
-    mod = module(name)
-    config = default_configs().get(name) or mod.Config()
+    spec = get(name)
+    config = spec.config()
     if question:
-        from dataclasses import replace
-
         pairs = dict(q.split("=", 1) for q in question)
         config = replace(
             config, **({"questions": pairs} if hasattr(config, "questions") else {"question": pairs.popitem()[1]})
         )
-    if name == "token_shift" and base is None:
-        raise typer.BadParameter("token_shift needs --base (the vision-language base model)")
+    check_needs(spec, base=base)
     adapter = load(model)
     base_adapter = load(base) if base else None
-    from dataclasses import asdict
-
     run_config = {"analysis": name, "model": model, "base": base, "data": str(data), "config": asdict(config)}
     meta = {"model_sha256": model_hash(adapter)}
-    with RunDir.open(out, run_config, meta=meta) as run, _Bars() as bars:
-        results = run_analysis(run, name, config, {"model": adapter}, data, base=base_adapter, progress=bars)
-        summary = {name: {"model": mod.summarize(results["model"])}}
-        run.write_json("summary", {"headline": headlines(summary), "details": summary})
-        build_report(
-            Path(out) / "report.html", {name: results}, summary, {"models": {"model": model}, **run_config}, meta
+    with _Bars() as bars:
+        result = execute(
+            out,
+            {"models": {"model": model}, **run_config},
+            meta,
+            {name: config},
+            {"model": adapter},
+            data,
+            base=base_adapter,
+            progress=bars,
         )
-        run.consolidate()
-    console.print_json(data=summary)
+    console.print_json(data=strict_json(result.summary))
 
 
 @app.command()

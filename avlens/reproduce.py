@@ -1,7 +1,10 @@
 """Running analyses into a run directory, and ``reproduce``: P1 on the organism, with its HTML report.
 
-Work is split into units (an analysis x model x batch of items); each unit's records are written atomically
-when it finishes, so a killed run resumes where it stopped (see :mod:`avlens.runs`).
+One orchestration, :func:`execute`, serves ``reproduce`` and ``avlens run``: it opens the run directory, runs
+each analysis of the registry (:mod:`avlens.analyses`) on every model, unit by unit, and writes summary.json
+(strict JSON) and report.html. Work is split into units (an analysis x model x batch of items); each unit's
+records are written atomically when it finishes, so a killed run resumes where it stopped (see
+:mod:`avlens.runs`). What an analysis needs (a base model...) is checked from its spec before any work.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from typing import Any
 
 import pandas as pd
 
-from .analyses import module
+from .analyses import Analysis, get, specs, strict_json
 from .analyses.common import Item, items_from_manifest
+from .errors import InputError
 from .models.base import Adapter
 from .runs import RunDir
 
@@ -23,22 +27,20 @@ Progress = Callable[[str, int, int], None]
 
 ORGANISM_MODELS = {"vision-heavy": "organism:av-vision-heavy", "balanced": "organism:av-balanced"}
 ORGANISM_BASE = "organism:vl-base"
-HEAR, SEE = "What do you hear?", "What do you see?"
+PAPER = "P1"
 
 
 def default_configs() -> dict[str, Any]:
-    """The analyses of ``reproduce`` and their settings for the organism."""
-    from .analyses import attention_share, counterfactual, knockout, logit_lens, probe, token_shift
+    """The analyses of ``reproduce`` (the registry's analyses of P1) and their settings for the organism."""
+    return {spec.name: spec.config() for spec in specs(paper=PAPER)}
 
-    both = ("factual", "swapped")
-    return {
-        "counterfactual": counterfactual.Config(questions={"hear": HEAR, "see": SEE}, max_new_tokens=4),
-        "probe": probe.Config(questions={"hear": HEAR}, conditions=both, folds=4),  # 4 clips per class
-        "logit_lens": logit_lens.Config(questions={"hear": HEAR}, conditions=both),
-        "knockout": knockout.Config(questions={"hear": HEAR}, conditions=both, window=2),
-        "token_shift": token_shift.Config(conditions=both),
-        "attention_share": attention_share.Config(questions={"hear": HEAR}, conditions=both),
-    }
+
+def check_needs(spec: Analysis, *, base: object | None) -> None:
+    """Refuse an analysis whose declared needs are not met (one line, naming what is missing)."""
+    if spec.needs.base and base is None:
+        raise InputError(
+            f"{spec.name} needs a base model (--base: the vision-language model the audio-visual model was built from)"
+        )
 
 
 def model_hash(adapter: Adapter) -> str:
@@ -68,7 +70,8 @@ def run_analysis(
     progress: Progress | None = None,
 ) -> dict[str, dict[str, pd.DataFrame]]:
     """Run one analysis on every model, unit by unit (finished units are skipped); returns model -> tables."""
-    mod = module(name)
+    spec = get(name)
+    check_needs(spec, base=base)
     questions = getattr(config, "questions", None) or {"describe": config.question}
     conditions = getattr(config, "conditions", None)
     items = items_from_manifest(manifest, questions, conditions=conditions)
@@ -79,25 +82,23 @@ def run_analysis(
         for j, unit_items in enumerate(units):
             unit = f"{name}/{label}/{j:04d}"
             if not run.done(unit):
-                run.write_many(unit, _collect(mod, adapter, unit_items, config, base, label))
+                run.write_many(unit, _collect(spec, adapter, unit_items, config, base, label))
             if progress is not None:
                 progress(task, j + 1, len(units))
         tables = {t: _rows_of(run.table(f"{name}.{t}"), name, label) for t in _tables_of(run, name)}
-        if hasattr(mod, "finalize"):
-            tables.update(mod.finalize(tables, config))
+        if spec.finalize is not None:
+            tables.update(spec.finalize(tables, config))
         out[label] = tables
     return out
 
 
 def _collect(
-    mod: Any, adapter: Adapter, items: list[Item], config: Any, base: Adapter | None, label: str
+    spec: Analysis, adapter: Adapter, items: list[Item], config: Any, base: Adapter | None, label: str
 ) -> dict[str, list[dict]]:
     """One unit's records, each tagged with the model's label, in tables named ``<analysis>.<table>``."""
-    if mod.NAME == "token_shift":
-        tables = mod.collect(adapter, items, config, base=base)
-    else:
-        tables = mod.collect(adapter, items, config)
-    return {f"{mod.NAME}.{t}": [{"model": label, **r} for r in rows] for t, rows in tables.items()}
+    extra = {"base": base} if spec.needs.base else {}
+    tables = spec.collect(adapter, items, config, **extra)
+    return {f"{spec.name}.{t}": [{"model": label, **r} for r in rows] for t, rows in tables.items()}
 
 
 def _tables_of(run: RunDir, name: str) -> list[str]:
@@ -111,9 +112,50 @@ def _rows_of(df: pd.DataFrame, name: str, model: str) -> pd.DataFrame:
 
 @dataclass
 class ReproduceResult:
+    """What a run wrote: its directory, analysis -> model -> Summary, and the report's path."""
+
     out: Path
-    summary: dict
+    summary: dict[str, dict[str, Any]]
     report: Path
+
+
+def execute(
+    out: Path,
+    run_config: dict,
+    meta: dict,
+    configs: Mapping[str, Any],
+    models: Mapping[str, Adapter],
+    data: Path | Callable[[], Path],
+    *,
+    base: Adapter | None = None,
+    progress: Progress | None = None,
+) -> ReproduceResult:
+    """Run analyses into the run directory ``out`` and write its summary.json and report.html.
+
+    Args:
+        run_config: the run's config (recorded in run.json; a different one into the same ``out`` is refused);
+            its ``models`` maps each label to the model's name, for the report.
+        meta: provenance recorded beside it (model hashes...).
+        configs: analysis name -> its Config, run in this order.
+        models: label -> loaded model.
+        data: the manifest, or a function building it (called once the run directory is open).
+        base: the base model, for analyses that need one.
+    """
+    for name in configs:
+        check_needs(get(name), base=base)
+    with RunDir.open(out, run_config, meta=meta) as run:
+        manifest = Path(data) if not callable(data) else data()
+        results = {
+            name: run_analysis(run, name, config, models, manifest, base=base, progress=progress)
+            for name, config in configs.items()
+        }
+        summary = {name: {label: get(name).summarize(t) for label, t in per.items()} for name, per in results.items()}
+        from .report.build import build_report, headlines
+
+        run.write_json("summary", strict_json({"headline": headlines(summary), "details": summary}))
+        report = build_report(Path(out) / "report.html", results, summary, run_config, meta)
+        run.consolidate()
+    return ReproduceResult(Path(out), summary, report)
 
 
 def reproduce(
@@ -132,22 +174,23 @@ def reproduce(
 
     Args:
         models: label -> model (path, hub id or organism:<checkpoint>).
-        base: the vision-language base for token_shift (None: skip it).
+        base: the vision-language base for analyses that need one (token_shift; None: those are skipped).
         data: a counterfactual manifest (``avlens data counterfactual``); default: built from a held-out world
             of the organism (``n_clips`` clips, ``seed``) under ``out/data``.
+        analyses: names in the registry (default: every analysis of P1), each with its spec's default config.
     """
     from . import load
 
     models = dict(models or ORGANISM_MODELS)
-    configs = default_configs()
-    names = list(analyses or configs)
-    if base is None and "token_shift" in names:
-        names.remove("token_shift")
+    names = list(analyses or default_configs())
+    if base is None:
+        names = [n for n in names if not get(n).needs.base]
+    configs = {n: get(n).config() for n in names}
     config = {
         "models": models,
         "base": base,
         "data": str(data) if data else {"organism_world": {"clips": n_clips, "seed": seed}},
-        "analyses": {n: asdict(configs[n]) for n in names},
+        "analyses": {n: asdict(c) for n, c in configs.items()},
         "seed": seed,
     }
     adapters = {label: load(m) for label, m in models.items()}
@@ -155,21 +198,8 @@ def reproduce(
     meta = {"model_sha256": {label: model_hash(a) for label, a in adapters.items()}}
     if base_adapter is not None:
         meta["base_sha256"] = model_hash(base_adapter)
-    with RunDir.open(out, config, meta=meta) as run:
-        manifest = Path(data) if data else _organism_data(Path(out) / "data", n_clips, seed, progress)
-        results = {}
-        for name in names:
-            per_model = run_analysis(run, name, configs[name], adapters, manifest, base=base_adapter, progress=progress)
-            results[name] = per_model
-        summary = {
-            name: {label: module(name).summarize(t) for label, t in per.items()} for name, per in results.items()
-        }
-        from .report.build import build_report, headlines
-
-        run.write_json("summary", {"headline": headlines(summary), "details": summary})
-        report = build_report(Path(out) / "report.html", results, summary, config, meta)
-        run.consolidate()
-    return ReproduceResult(Path(out), summary, report)
+    manifest = Path(data) if data else lambda: _organism_data(Path(out) / "data", n_clips, seed, progress)
+    return execute(out, config, meta, configs, adapters, manifest, base=base_adapter, progress=progress)
 
 
 def _organism_data(root: Path, n_clips: int, seed: int, progress: Progress | None) -> Path:

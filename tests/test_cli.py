@@ -92,3 +92,30 @@ def test_organism_world_and_counterfactual_data(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [json.loads(x) for x in (tmp_path / "cf" / "manifest.jsonl").read_text().splitlines()]
     assert {r["condition"] for r in rows} == {"factual", "swapped", "muted", "blank_video", "audio_only", "video_only"}
+
+
+def test_run_help_lists_every_analysis_of_the_registry():
+    from avlens.analyses import BUILTIN
+
+    out = avlens("run", "--help")
+    assert out.returncode == 0, out.stderr
+    for name in BUILTIN:
+        assert name in out.stdout
+
+
+def test_an_analysis_needing_a_base_without_one_is_one_line(model, tmp_path):
+    """token_shift declares that it needs a base model; the check comes before any model is loaded."""
+    out = avlens(
+        "run",
+        "token_shift",
+        "--model",
+        str(model / "model"),
+        "--data",
+        str(tmp_path / "m.jsonl"),
+        "--out",
+        str(tmp_path),
+    )
+    assert out.returncode == 2
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "token_shift needs a base model" in lines[0], out.stderr
+    assert not (tmp_path / "run.json").exists()

@@ -12,11 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from avlens.analyses import knockout, token_shift
+from avlens.analyses import Finding, knockout, token_shift
 from avlens.analyses.common import Item, first_token
 from avlens.models.base import Sample
 from avlens.models.tiny import tiny_model
-from avlens.report import Finding
 from avlens.trace import Knockout, run
 
 LAYERS = 3
@@ -173,12 +172,12 @@ def test_knockout_summary_and_findings_on_known_records():
                 }
             )
     summary = knockout.summarize({"knockout": pd.DataFrame(rows)})
-    assert summary["swapped_follows_audio_base"] == 0.0
-    assert summary["swapped_follows_audio_after_video_knockout"] == 1.0
-    assert summary["swapped_best_video_window_start"] == 3.0
-    assert summary["factual_accuracy_base"] == summary["factual_accuracy_after_video_knockout"] == 1.0
-    assert summary["factual_delta_audio_audio_knockout_min"] == pytest.approx(-0.3)
-    assert summary["late_video_dp_correct"] == 0.0 and summary["max_abs_video_dp_correct"] == 0.5
+    assert summary.swapped_follows_audio_base == 0.0
+    assert summary.swapped_follows_audio_after_video_knockout == 1.0
+    assert summary.swapped_best_video_window_start == 3.0
+    assert summary.factual_accuracy_base == summary.factual_accuracy_after_video_knockout == 1.0
+    assert summary.factual_delta_audio_audio_knockout_min == pytest.approx(-0.3)
+    assert summary.late_video_dp_correct == 0.0 and summary.max_abs_video_dp_correct == 0.5
     verdicts = [f.verdict for f in knockout.findings({"m": summary})]
     assert verdicts == ["agrees", "agrees", "agrees", "agrees"]
     fig = knockout.plot({"m": {"knockout": pd.DataFrame(rows)}})
@@ -205,8 +204,8 @@ def test_a_model_against_itself_is_unshifted(model):
     assert tokens.kl.abs().max() <= 1e-5
     assert np.allclose(tokens.p_av, tokens.p_base, atol=1e-6)
     summary = token_shift.summarize({"tokens": tokens})
-    assert summary["unshifted_share"] == 1.0 and summary["top3_share"] == 1.0
-    assert tokens.audio_word.any() and summary["audio_unshifted_share"] == 1.0
+    assert summary.unshifted_share == 1.0 and summary.top3_share == 1.0
+    assert tokens.audio_word.any() and summary.audio_unshifted_share == 1.0
 
 
 def test_a_different_model_or_a_deaf_base_shifts(model, other):
@@ -217,7 +216,7 @@ def test_a_different_model_or_a_deaf_base_shifts(model, other):
     deaf, _ = shift(model, model, sees_audio=False)
     assert deaf.kl.mean() > 1e-4
     summary = token_shift.summarize({"tokens": tokens})
-    assert summary["shifted_share"] + summary["marginal_share"] + summary["unshifted_share"] == pytest.approx(1)
+    assert summary.shifted_share + summary.marginal_share + summary.unshifted_share == pytest.approx(1)
     findings = token_shift.findings({"a": summary, "b": token_shift.summarize({"tokens": deaf})})
     assert all(isinstance(f, Finding) for f in findings)
     fig = token_shift.plot({"a": {"tokens": tokens}, "b": {"tokens": deaf}})

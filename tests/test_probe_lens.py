@@ -102,9 +102,9 @@ def test_probe_finds_a_planted_label_and_its_control_does_not():
     assert ((p.ci_low <= p.accuracy) & (p.accuracy <= p.ci_high)).all()
 
     summary = probe.summarize({"probes": p})
-    assert summary["hear/swapped/audio/audio_label/best_layer"] == 2
-    assert summary["hear/swapped/audio/audio_label/middle_decodable"] == 0.5  # layers 1 and 2 of 0..3
-    assert summary["hear/swapped/audio/visual_label/middle_decodable"] == 0.0
+    assert summary.slices["hear/swapped/audio/audio_label"].best_layer == 2
+    assert summary.slices["hear/swapped/audio/audio_label"].middle_decodable == 0.5  # layers 1 and 2 of 0..3
+    assert summary.slices["hear/swapped/audio/visual_label"].middle_decodable == 0.0
     assert probe.findings({"m": summary})[0].verdict == "agrees"
     # Decodable only at the input embeddings, not in middle layers: P1's claim holds only partly.
     early = probe.finalize({"features": _planted_features(signal_layer=0)}, config)["probes"]
@@ -207,12 +207,12 @@ def test_lens_summary_counts_latent_audio():
                         }
                     )
     s = logit_lens.summarize({"lens": pd.DataFrame(rows)})
-    assert s["latent_audio_understanding"] == 0.25
-    assert s["latent_audio_given_follows_vision"] == 0.5
-    assert s["swapped_audio_decoded"] == 0.5 and s["swapped_control_decoded"] == 0.0
-    assert s["swapped_audio_decoded_last"] == 0.0
-    assert s["swapped_best_layer_audio"] == 1 and s["swapped_best_layer_share_audio"] == 0.5
-    assert s["follows_vision_rate"] == 0.5 and s["follows_audio_rate"] == 0.25
+    assert s.latent_audio_understanding == 0.25
+    assert s.latent_audio_given_follows_vision == 0.5
+    assert s.conditions["swapped"].audio_decoded == 0.5 and s.conditions["swapped"].control_decoded == 0.0
+    assert s.conditions["swapped"].audio_decoded_at["last"] == 0.0
+    assert s.conditions["swapped"].best_layer["audio"] == 1 and s.conditions["swapped"].best_layer_share["audio"] == 0.5
+    assert s.follows_vision_rate == 0.5 and s.follows_audio_rate == 0.25
     # decoded (50%) above both the control (0%) and the answers that follow the audio (25%)
     assert logit_lens.findings({"m": s})[0].verdict == "agrees"
 

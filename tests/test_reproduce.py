@@ -44,10 +44,14 @@ def _run(setup: Path, out: Path, analyses=None):
     )
 
 
+def _refuse(constant: str):
+    raise ValueError(f"summary.json is not strict JSON: {constant}")
+
+
 def test_every_analysis_runs_and_reports(setup, tmp_path):
     result = _run(setup, tmp_path / "out")
     out = result.out
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=_refuse)  # strict JSON: no NaN
     names = {"counterfactual", "probe", "logit_lens", "knockout", "token_shift", "attention_share"}
     assert set(summary["headline"]) == names
     for name, h in summary["headline"].items():

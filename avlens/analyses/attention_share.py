@@ -15,8 +15,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..models.base import Adapter
-from ..report import Finding
 from ..trace import Capture, generate, run
+from .base import Analysis, Finding, num, pct, verdict
 from .common import Item, batches
 
 NAME = "attention_share"
@@ -55,17 +55,29 @@ def profile(shares: pd.DataFrame) -> pd.DataFrame:
     return shares.pivot_table(index="layer", columns="key", values="share", aggfunc="mean")
 
 
-def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
+@dataclass(frozen=True)
+class Summary:
+    """Mean head-averaged share of the query's attention per key group, over the first (early) and the last
+    (late) third of the layers."""
+
+    audio_share_early: float | None
+    audio_share_late: float | None
+    video_share_early: float | None
+    video_share_late: float | None
+    question_share_late: float | None
+
+
+def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
     p = profile(tables["shares"])
     n = len(p)
     early, late = p.iloc[: max(1, n // 3)], p.iloc[-max(1, n // 3) :]
-    return {
-        "audio_share_early": round(float(early["audio"].mean()), 3),
-        "audio_share_late": round(float(late["audio"].mean()), 3),
-        "video_share_early": round(float(early["video"].mean()), 3),
-        "video_share_late": round(float(late["video"].mean()), 3),
-        "question_share_late": round(float(late["question"].mean()), 3),
-    }
+    return Summary(
+        audio_share_early=num(early["audio"].mean(), 3),
+        audio_share_late=num(late["audio"].mean(), 3),
+        video_share_early=num(early["video"].mean(), 3),
+        video_share_late=num(late["video"].mean(), 3),
+        question_share_late=num(late["question"].mean(), 3),
+    )
 
 
 def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
@@ -86,23 +98,45 @@ def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
     return fig
 
 
-def findings(summaries: dict[str, dict]) -> list[Finding]:
+def findings(summaries: dict[str, Summary]) -> list[Finding]:
     measured = "; ".join(
-        f"{m}: audio {s['audio_share_early']:.0%} early / {s['audio_share_late']:.0%} late, "
-        f"video {s['video_share_early']:.0%} early / {s['video_share_late']:.0%} late"
+        f"{m}: audio {pct(s.audio_share_early)} early / {pct(s.audio_share_late)} late, "
+        f"video {pct(s.video_share_early)} early / {pct(s.video_share_late)} late"
         for m, s in summaries.items()
     )
-    pattern = [
-        s["audio_share_early"] > s["audio_share_late"] and s["video_share_late"] > s["audio_share_late"]
-        for s in summaries.values()
-    ]
-    verdict = "agrees" if all(pattern) else "partly" if any(pattern) else "disagrees"
+    calls = []
+    for s in summaries.values():
+        figures = (s.audio_share_early, s.audio_share_late, s.video_share_late)
+        if any(x is None for x in figures):
+            calls.append(None)
+            continue
+        calls.append(s.audio_share_early > s.audio_share_late and s.video_share_late > s.audio_share_late)
+    known = [c for c in calls if c is not None]
+    call = verdict([]) if not known else "agrees" if all(known) else "partly" if any(known) else "disagrees"
     return [
         Finding(
-            "Audio gets attention in early layers and little later; video keeps it in deep layers",
+            CLAIM,
             "audio 40-50% in layers 0-5 then near 0; video 20-40% in layers 15-30 (Qwen2.5-Omni 7B)",
             measured,
-            verdict,
+            call,
             "early/late = first/last third of the layers; head-averaged, the last prompt position as query.",
         )
     ]
+
+
+CLAIM = "Audio gets attention in early layers and little later; video keeps it in deep layers"
+
+SPEC = Analysis(
+    name=NAME,
+    title="Attention share of the answer position",
+    claim=CLAIM,
+    Config=Config,
+    Summary=Summary,
+    headline="video_share_late",
+    collect=collect,
+    summarize=summarize,
+    findings=findings,
+    plot=plot,
+    default_config=Config(questions={"hear": "What do you hear?"}, conditions=("factual", "swapped")),
+    about=__doc__,
+)

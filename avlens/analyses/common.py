@@ -1,12 +1,7 @@
 """What every analysis shares: items (a question about a clip) from a manifest, batches, answer scoring.
 
-An analysis module has a ``Config`` dataclass and three functions:
-
-- ``collect(adapter, items, config) -> dict[table, records]``: the model work on one unit of items (a batch),
-  resumable unit by unit;
-- ``finalize(tables, config) -> dict[table, DataFrame]``: whatever needs all units (fitting probes...);
-  optional, identity by default;
-- ``summarize(tables) -> dict`` (headline figures) and ``plot(tables) -> Figure``.
+What an analysis is (its spec, Config, typed Summary, collect / finalize / summarize / findings / plot) is stated
+in :mod:`avlens.analyses.base`; how to add one in :mod:`avlens.analyses`.
 
 Items come from a manifest: the output of ``avlens data counterfactual`` (one row per clip and condition, with
 the expected answers), or any manifest with ``video`` / ``audio`` and labels (all rows "factual").

@@ -7,15 +7,15 @@ rate, the share of swapped clips whose hearing answer is the visual label.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from ..models.base import Adapter
-from ..report import Finding
 from ..trace import generate
+from .base import Analysis, Finding, Needs, num, pct
 from .common import Item, Scorer, batches, follows, label_match, words
 
 NAME = "counterfactual"
@@ -62,19 +62,43 @@ def accuracy(answers: pd.DataFrame) -> pd.DataFrame:
     return answers.pivot_table(index="condition", columns="question", values="correct", aggfunc="mean")
 
 
-def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
+@dataclass(frozen=True)
+class Summary:
+    """One model's counterfactual figures.
+
+    Attributes:
+        accuracy: question -> clip condition -> share of right answers (None for free-form questions).
+        follows_vision_rate / follows_audio_rate: on swapped clips, the share of "hear" answers naming the
+            visual / the audio label (None without swapped clips).
+        hear_accuracy_drop_swapped: "hear" accuracy on factual clips minus on swapped ones.
+    """
+
+    accuracy: dict[str, dict[str, float | None]]
+    follows_vision_rate: float | None = None
+    follows_audio_rate: float | None = None
+    hear_accuracy_drop_swapped: float | None = None
+
+    def hear(self, condition: str) -> float | None:
+        """The accuracy of "hear" questions on one clip condition (None if not asked)."""
+        return self.accuracy.get("hear", {}).get(condition)
+
+
+def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
     a = tables["answers"]
-    out: dict[str, float] = {}
+    acc: dict[str, dict[str, float | None]] = {}
     for (cond, q), v in a.groupby(["condition", "question"]).correct.mean().items():
-        out[f"{q}_accuracy_{cond}"] = round(float(v), 3)
+        acc.setdefault(q, {})[cond] = num(v, 3)
+    out = Summary(acc)
     swapped = a[(a.condition == "swapped") & (a.question == "hear")]
     if len(swapped):
-        out["follows_vision_rate"] = round(float((swapped.follows == "visual").mean()), 3)
-        out["follows_audio_rate"] = round(float((swapped.follows == "audio").mean()), 3)
+        out = replace(
+            out,
+            follows_vision_rate=num((swapped.follows == "visual").mean(), 3),
+            follows_audio_rate=num((swapped.follows == "audio").mean(), 3),
+        )
     factual = a[(a.condition == "factual") & (a.question == "hear")]
     if len(factual) and len(swapped):
-        drop = factual.correct.mean() - swapped.correct.mean()
-        out["hear_accuracy_drop_swapped"] = round(float(drop), 3)
+        out = replace(out, hear_accuracy_drop_swapped=num(factual.correct.mean() - swapped.correct.mean(), 3))
     return out
 
 
@@ -111,23 +135,41 @@ def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
     return fig
 
 
-def findings(summaries: dict[str, dict]) -> list[Finding]:
+def findings(summaries: dict[str, Summary]) -> list[Finding]:
     """The organism's counterfactual figures beside P1's."""
     parts = [
-        f"{m}: follows vision {s.get('follows_vision_rate', float('nan')):.0%}, "
-        f"hear accuracy factual {s.get('hear_accuracy_factual', float('nan')):.0%} vs swapped "
-        f"{s.get('hear_accuracy_swapped', float('nan')):.0%}"
+        f"{m}: follows vision {pct(s.follows_vision_rate)}, "
+        f"hear accuracy factual {pct(s.hear('factual'))} vs swapped {pct(s.hear('swapped'))}"
         for m, s in summaries.items()
     ]
-    drops = [s.get("hear_accuracy_drop_swapped") for s in summaries.values()]
-    dominated = [s.get("follows_vision_rate", 0) > s.get("follows_audio_rate", 0) for s in summaries.values()]
+    drops = [s.hear_accuracy_drop_swapped for s in summaries.values()]
+    dominated = [(s.follows_vision_rate or 0) > (s.follows_audio_rate or 0) for s in summaries.values()]
     verdict = "agrees" if all(dominated) else "partly" if any(dominated) else "disagrees"
     return [
         Finding(
-            "When sound and sight disagree, the answer about the sound follows the picture",
+            CLAIM,
             "counterfactual clips cut audio performance by up to 56%; 23% counterfactual audio fidelity",
             "; ".join(parts) + f" (drops: {', '.join(f'{d:.0%}' for d in drops if d is not None)})",
             verdict,
             "The organism answers in one word, scored by label; P1 scored free descriptions with an LLM judge.",
         )
     ]
+
+
+CLAIM = "When sound and sight disagree, the answer about the sound follows the picture"
+
+SPEC = Analysis(
+    name=NAME,
+    title="Counterfactual evaluation: hearing when sound and sight disagree",
+    claim=CLAIM,
+    Config=Config,
+    Summary=Summary,
+    headline="follows_vision_rate",
+    collect=collect,
+    summarize=summarize,
+    findings=findings,
+    plot=plot,
+    default_config=Config(questions={"hear": "What do you hear?", "see": "What do you see?"}, max_new_tokens=4),
+    needs=Needs(generation=True),
+    about=__doc__,
+)

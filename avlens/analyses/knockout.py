@@ -15,7 +15,7 @@ answer token), the position P1's released code forgot to block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import pandas as pd
 import torch
@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..models.base import Adapter
-from ..report import Finding
 from ..trace import Knockout, run_conditions
+from .base import Analysis, Finding, num, verdict
 from .common import Item, batches, first_token
 
 NAME = "knockout"
@@ -211,22 +211,62 @@ def _baseline(knockout: pd.DataFrame, condition: str) -> pd.DataFrame:
     return knockout[knockout.condition == condition].drop_duplicates("id")
 
 
-def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
-    """Headline figures.
+@dataclass(frozen=True)
+class Summary:
+    """One model's knockout figures ("hear" questions only when there are any; None: not measured).
 
-    ``swapped_follows_audio_after_video_knockout``: on swapped clips, the share of answers that follow the audio
-    after blocking answer -> video in the best deep window (deep: starting in the second half of the layers;
-    best: the most audio answers), beside ``swapped_follows_audio_base``. ``*_delta_audio_*``: mean change of
-    p(audio label). ``late_video_dp_correct``: P3's mean dp of the expected answer, on items answered correctly,
-    when answer -> video is blocked in the last window. Only "hear" questions count when there are any.
+    Per clip condition (``factual_*``, ``swapped_*``):
+
+    - ``follows_audio_base`` / ``accuracy_base``: without knockout;
+    - ``follows_audio_after_video_knockout``: the share of answers that follow the audio after blocking
+      answer -> video in the best deep window (deep: starting in the second half of the layers; best: the most
+      audio answers), ``best_video_window_start`` that window, ``accuracy_after_video_knockout`` the accuracy
+      there, ``follows_audio_deepest_video_window`` the same share in the deepest window;
+    - ``delta_audio_video_knockout_deep``: mean change of p(audio label) over the deep answer -> video windows;
+      ``delta_audio_audio_knockout_min``: the largest drop blocking answer -> audio; ``max_abs_delta_audio``:
+      the largest change of any knockout.
+
+    ``late_video_dp_correct``: P3's mean dp of the expected answer, on items answered correctly, when
+    answer -> video is blocked in the last window; ``max_abs_video_dp_correct``: the largest over windows.
+    ``n_layers``, ``window``: the sweep.
     """
+
+    factual_follows_audio_base: float | None = None
+    factual_accuracy_base: float | None = None
+    factual_follows_audio_after_video_knockout: float | None = None
+    factual_best_video_window_start: int | None = None
+    factual_accuracy_after_video_knockout: float | None = None
+    factual_follows_audio_deepest_video_window: float | None = None
+    factual_delta_audio_video_knockout_deep: float | None = None
+    factual_delta_audio_audio_knockout_min: float | None = None
+    factual_max_abs_delta_audio: float | None = None
+    swapped_follows_audio_base: float | None = None
+    swapped_accuracy_base: float | None = None
+    swapped_follows_audio_after_video_knockout: float | None = None
+    swapped_best_video_window_start: int | None = None
+    swapped_accuracy_after_video_knockout: float | None = None
+    swapped_follows_audio_deepest_video_window: float | None = None
+    swapped_delta_audio_video_knockout_deep: float | None = None
+    swapped_delta_audio_audio_knockout_min: float | None = None
+    swapped_max_abs_delta_audio: float | None = None
+    late_video_dp_correct: float | None = None
+    max_abs_video_dp_correct: float | None = None
+    n_layers: int | None = None
+    window: int | None = None
+
+
+_INTS = {f.name for f in fields(Summary) if f.type == "int | None"}
+
+
+def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
+    """Headline figures (see :class:`Summary`)."""
     ko = tables["knockout"]
     if "question" in ko and (ko.question == "hear").any():
         ko = ko[ko.question == "hear"]
     nan = float("nan")
     out: dict[str, float] = {}
     if ko.empty:
-        return out
+        return Summary()
     prof = profile(ko)
     starts = sorted(ko.window_start.unique())
     n_layers = int(ko.window_end.max())
@@ -266,7 +306,8 @@ def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
         out["max_abs_video_dp_correct"] = float(by_window.abs().max())
     out["n_layers"] = float(n_layers)
     out["window"] = float(ko.window_end.iloc[0] - ko.window_start.iloc[0])
-    return out
+    figures = {k: num(v) for k, v in out.items()}
+    return Summary(**{k: int(v) if k in _INTS and v is not None else v for k, v in figures.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,22 +342,23 @@ def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
     return fig
 
 
-def findings(summaries: dict[str, dict]) -> list[Finding]:
+def findings(summaries: dict[str, Summary]) -> list[Finding]:
     """The knockout figures beside P1's and P3's."""
     nan = float("nan")
 
-    def get(s: dict, key: str) -> float:
-        return s.get(key, nan)
+    def get(v: float | None) -> float:
+        """A figure for arithmetic and formatting: NaN when not measured."""
+        return nan if v is None else v
 
     # P1: blocking vision in deep layers brings the audio answer back on swapped clips
     parts, calls = [], []
     for m, s in summaries.items():
-        before, after = get(s, "swapped_follows_audio_base"), get(s, "swapped_follows_audio_after_video_knockout")
-        factual = get(s, "factual_follows_audio_base")
+        before, after = get(s.swapped_follows_audio_base), get(s.swapped_follows_audio_after_video_knockout)
+        factual = get(s.factual_follows_audio_base)
         parts.append(
             f"{m}: swapped clips answered with the sound {before:.0%} -> {after:.0%} after blocking answer -> video "
-            f"(window from layer {get(s, 'swapped_best_video_window_start'):.0f}; factual level {factual:.0%}); "
-            f"mean Δp(audio) in deep windows {get(s, 'swapped_delta_audio_video_knockout_deep'):+.3f}"
+            f"(window from layer {get(s.swapped_best_video_window_start):.0f}; factual level {factual:.0%}); "
+            f"mean Δp(audio) in deep windows {get(s.swapped_delta_audio_video_knockout_deep):+.3f}"
         )
         gain = after - before
         calls.append(None if gain != gain else "agrees" if gain >= 0.25 else "partly" if gain > 0.05 else "disagrees")
@@ -325,14 +367,14 @@ def findings(summaries: dict[str, dict]) -> list[Finding]:
         "blocking generated -> video in layers 15-30 raises counterfactual audio fidelity by about 50%, close to "
         "the factual level (Qwen2.5-Omni)",
         "; ".join(parts),
-        _verdict(calls),
+        verdict(calls),
         "The organism answers in one token: the share of answers naming the sound, read at the last prompt position, "
         "stands in for P1's judged audio fidelity. The best of the deep windows is reported (a selection).",
     )
     # P1: blocking audio lowers the audio answer
     parts, calls = [], []
     for m, s in summaries.items():
-        f, w = get(s, "factual_delta_audio_audio_knockout_min"), get(s, "swapped_delta_audio_audio_knockout_min")
+        f, w = get(s.factual_delta_audio_audio_knockout_min), get(s.swapped_delta_audio_audio_knockout_min)
         parts.append(
             f"{m}: largest drop of p(audio label) blocking answer -> audio: factual {f:+.3f}, swapped {w:+.3f}"
         )
@@ -341,13 +383,13 @@ def findings(summaries: dict[str, dict]) -> list[Finding]:
         "Blocking the answer's attention to audio lowers the audio answer",
         "blocking generated -> audio lowers audio fidelity",
         "; ".join(parts),
-        _verdict(calls),
+        verdict(calls),
         "Change of the probability of the audio label's first token, best window.",
     )
     # P1: on factual clips either block changes little
     parts, calls = [], []
     for m, s in summaries.items():
-        a, b = get(s, "factual_accuracy_base"), get(s, "factual_accuracy_after_video_knockout")
+        a, b = get(s.factual_accuracy_base), get(s.factual_accuracy_after_video_knockout)
         parts.append(f"{m}: factual accuracy {a:.0%} -> {b:.0%} with answer -> video blocked")
         drop = abs(b - a)
         calls.append(None if drop != drop else "agrees" if drop <= 0.1 else "partly" if drop <= 0.25 else "disagrees")
@@ -355,13 +397,13 @@ def findings(summaries: dict[str, dict]) -> list[Finding]:
         "On factual clips, blocking attention to video changes little",
         "on factual clips either block changes little",
         "; ".join(parts),
-        _verdict(calls),
+        verdict(calls),
         "Same window as the swapped-clip figure.",
     )
     # P3: late-layer attention to video is a sink artefact
     parts, calls = [], []
     for m, s in summaries.items():
-        late, peak = get(s, "late_video_dp_correct"), get(s, "max_abs_video_dp_correct")
+        late, peak = get(s.late_video_dp_correct), get(s.max_abs_video_dp_correct)
         parts.append(
             f"{m}: dp of the right answer blocking answer -> video in the last window {late:+.1%} (largest {peak:.1%})"
         )
@@ -373,16 +415,24 @@ def findings(summaries: dict[str, dict]) -> list[Finding]:
         "Late-layer attention to video carries little (a sink artefact)",
         "P3: masking late-layer attention to video changes nothing; dp measured on correctly answered samples",
         "; ".join(parts),
-        _verdict(calls),
+        verdict(calls),
         "Agrees when the last window's |dp| is at most a fifth of the largest window's.",
     )
     return [restore, lower, factual, sink]
 
 
-def _verdict(calls: list[str | None]) -> str:
-    known = [c for c in calls if c is not None]
-    if not known:
-        return "not measured"
-    if all(c == known[0] for c in known):
-        return known[0]
-    return "partly"
+SPEC = Analysis(
+    name=NAME,
+    title="Attention knockout: does blocking vision bring the audio answer back?",
+    claim="Blocking the answer's attention to video in deep layers brings the audio answer back on swapped clips",
+    Config=Config,
+    Summary=Summary,
+    headline="swapped_follows_audio_after_video_knockout",
+    collect=collect,
+    summarize=summarize,
+    findings=findings,
+    plot=plot,
+    default_config=Config(questions={"hear": "What do you hear?"}, conditions=("factual", "swapped"), window=2),
+    paper="P1",
+    about=__doc__,
+)

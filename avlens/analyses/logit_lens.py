@@ -17,15 +17,14 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from ..models.base import Adapter
-from ..report import Finding
 from ..trace import Capture, run
+from .base import Analysis, Finding, num, verdict
 from .common import Item, batches, first_token, follows
 
 NAME = "logit_lens"
@@ -158,44 +157,74 @@ def ever_decoded(lens: pd.DataFrame, target: str = "audio", sites: Sequence[str]
     return d.groupby("id").in_top_k.any()
 
 
-def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
-    """Headline figures, per condition (``<condition>_...``) and for the swapped clips:
+@dataclass(frozen=True)
+class LensCondition:
+    """The lens on one clip condition.
 
-    - ``<c>_audio_decoded``: share of items whose audio label reaches the top k at some layer, at either site
-      (P1's latent audio understanding); ``<c>_control_decoded``: the same for the control label (the floor);
-      ``<c>_audio_decoded_<site>``: at one site;
-    - ``<c>_best_layer_<site>`` / ``<c>_best_layer_share_<site>``: the layer where most items have the audio
-      label in the top k, and that share;
-    - ``latent_audio_understanding``: share of swapped items whose audio label is decoded at some layer while the
-      answer follows the picture; ``latent_audio_given_follows_vision``: the same among those that follow it;
-    - ``follows_vision_rate`` / ``follows_audio_rate``: what the swapped answers follow.
+    Attributes:
+        audio_decoded: share of items whose audio label reaches the top k at some layer, at either site (P1's
+            latent audio understanding); control_decoded: the same for the control label (the floor).
+        audio_decoded_at: site -> the same at one site.
+        best_layer / best_layer_share: site -> the layer where most items have the audio label in the top k, and
+            that share.
     """
+
+    audio_decoded: float | None
+    control_decoded: float | None
+    audio_decoded_at: dict[str, float | None] = field(default_factory=dict)
+    best_layer: dict[str, int] = field(default_factory=dict)
+    best_layer_share: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Attributes:
+    conditions: clip condition -> :class:`LensCondition` (conditions where something is heard).
+    latent_audio_understanding: share of swapped items whose audio label is decoded at some layer while the
+        answer follows the picture; latent_audio_given_follows_vision: the same among those that follow it.
+    follows_vision_rate / follows_audio_rate: what the swapped answers follow; n_swapped: how many there are.
+    (The last five are None without swapped clips.)
+    """
+
+    conditions: dict[str, LensCondition]
+    latent_audio_understanding: float | None = None
+    latent_audio_given_follows_vision: float | None = None
+    follows_vision_rate: float | None = None
+    follows_audio_rate: float | None = None
+    n_swapped: int | None = None
+
+
+def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
+    """Headline figures per condition and for the swapped clips (see :class:`Summary`)."""
     lens = tables["lens"]
-    out: dict[str, float] = {}
+    conditions: dict[str, LensCondition] = {}
     for cond, d in lens.groupby("condition"):
         if not (d.target == "audio").any():  # nothing heard (muted, video only)
             continue
-        out[f"{cond}_audio_decoded"] = round(float(ever_decoded(d).mean()), 3)
-        out[f"{cond}_control_decoded"] = round(float(ever_decoded(d, "control").mean()), 3)
+        c = LensCondition(num(ever_decoded(d).mean(), 3), num(ever_decoded(d, "control").mean(), 3))
         for site in SITES:
             at = d[(d.target == "audio") & (d.site == site)]
             if at.empty:
                 continue
-            out[f"{cond}_audio_decoded_{site}"] = round(float(ever_decoded(d, sites=[site]).mean()), 3)
+            c.audio_decoded_at[site] = num(ever_decoded(d, sites=[site]).mean(), 3)
             by_layer = at.groupby("layer").in_top_k.mean()
-            out[f"{cond}_best_layer_{site}"] = int(by_layer.idxmax())
-            out[f"{cond}_best_layer_share_{site}"] = round(float(by_layer.max()), 3)
+            c.best_layer[site] = int(by_layer.idxmax())
+            c.best_layer_share[site] = num(by_layer.max(), 3)
+        conditions[cond] = c
     swapped = lens[lens.condition == "swapped"]
-    if not swapped.empty:
-        answer = swapped.groupby("id").follows.first()
-        decoded = ever_decoded(swapped).reindex(answer.index, fill_value=False)
-        vision = answer == "visual"
-        out["latent_audio_understanding"] = round(float((decoded & vision).mean()), 3)
-        out["latent_audio_given_follows_vision"] = round(float(decoded[vision].mean()), 3) if vision.any() else np.nan
-        out["follows_vision_rate"] = round(float(vision.mean()), 3)
-        out["follows_audio_rate"] = round(float((answer == "audio").mean()), 3)
-        out["n_swapped"] = len(answer)
-    return out
+    if swapped.empty:
+        return Summary(conditions)
+    answer = swapped.groupby("id").follows.first()
+    decoded = ever_decoded(swapped).reindex(answer.index, fill_value=False)
+    vision = answer == "visual"
+    return Summary(
+        conditions,
+        latent_audio_understanding=num((decoded & vision).mean(), 3),
+        latent_audio_given_follows_vision=num(decoded[vision].mean(), 3) if vision.any() else None,
+        follows_vision_rate=num(vision.mean(), 3),
+        follows_audio_rate=num((answer == "audio").mean(), 3),
+        n_swapped=len(answer),
+    )
 
 
 def profile(lens: pd.DataFrame) -> pd.DataFrame:
@@ -237,31 +266,49 @@ def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
     return fig
 
 
-def findings(summaries: dict[str, dict]) -> list[Finding]:
+def findings(summaries: dict[str, Summary]) -> list[Finding]:
     """Latent audio understanding vs what the answers follow, against P1's 61.4% vs 23%."""
     parts, verdicts = [], []
     for model, s in summaries.items():
-        if "latent_audio_understanding" not in s:
+        c = s.conditions.get("swapped")
+        if s.latent_audio_understanding is None or c is None:
             parts.append(f"{model}: no swapped clips")
             continue
-        decoded, floor, heard = s["swapped_audio_decoded"], s["swapped_control_decoded"], s["follows_audio_rate"]
+        decoded, floor, heard = c.audio_decoded or 0.0, c.control_decoded or 0.0, s.follows_audio_rate or 0.0
         parts.append(
             f"{model}: audio label decoded at some layer in {decoded:.0%} of swapped clips (control label "
-            f"{floor:.0%}); {s['latent_audio_understanding']:.0%} decoded while the answer follows vision; "
+            f"{floor:.0%}); {s.latent_audio_understanding:.0%} decoded while the answer follows vision; "
             f"answers follow the audio in {heard:.0%}"
         )
         above_floor, above_answers = decoded > floor, decoded > heard
         verdicts.append("agrees" if above_floor and above_answers else "partly" if above_answers else "disagrees")
-    verdict = "not measured" if not verdicts else verdicts[0] if len(set(verdicts)) == 1 else "partly"
     return [
         Finding(
-            "The model decodes the sound at some layer far more often than its answer reports it",
+            CLAIM,
             "61.4% latent audio understanding vs 23% counterfactual audio fidelity (Qwen2.5-Omni)",
             "; ".join(parts),
-            verdict,
+            verdict(verdicts),
             "Decoded = the audio label's first token in the top k of the logit lens at some layer, at the audio "
             "tokens (best position) or the last position; agrees when that share exceeds both the control "
             "label's (the chance floor) and the share of answers that follow the audio. P1 scored fidelity with "
             "an LLM judge on descriptions; here the first answer token is matched to the labels.",
         )
     ]
+
+
+CLAIM = "The model decodes the sound at some layer far more often than its answer reports it"
+
+SPEC = Analysis(
+    name=NAME,
+    title="Logit lens: latent audio understanding",
+    claim=CLAIM,
+    Config=Config,
+    Summary=Summary,
+    headline="latent_audio_understanding",
+    collect=collect,
+    summarize=summarize,
+    findings=findings,
+    plot=plot,
+    default_config=Config(questions={"hear": "What do you hear?"}, conditions=("factual", "swapped")),
+    about=__doc__,
+)

@@ -29,8 +29,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..models.base import Adapter
-from ..report import Finding
 from ..trace import Capture, run
+from .base import Analysis, Finding, num, pct, verdict
 from .common import Item, batches
 
 NAME = "probe"
@@ -168,25 +168,59 @@ def against_control(probes: pd.DataFrame) -> pd.DataFrame:
     return real.reset_index()
 
 
-def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
-    """Per question/condition/site/target: the best layer with its accuracy, lower bound, control and chance,
-    and the share of middle layers (the middle third of 0..n_layers) where the label is decodable.
+@dataclass(frozen=True)
+class ProbeSlice:
+    """The probes of one question, condition, site and target, at their best layer.
 
-    Keys look like ``hear/swapped/audio/audio_label/best_layer``.
+    Attributes:
+        best_layer: the layer with the highest accuracy; accuracy, ci_low (its 95% lower bound), control (the
+            shuffled-label probe's accuracy there) and chance at that layer.
+        middle_decodable: the share of middle layers (the middle third of 0..n_layers) where the label is
+            decodable (see :func:`against_control`).
     """
-    out: dict[str, float] = {}
+
+    best_layer: int
+    accuracy: float | None
+    ci_low: float | None
+    control: float | None
+    chance: float | None
+    middle_decodable: float | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Attributes:
+    slices: ``"question/condition/site/target"`` (e.g. ``"hear/swapped/audio/audio_label"``) -> its probes.
+    swapped_last_audio_accuracy: the headline: best accuracy of the audio label at the last position on swapped
+        clips ("hear" questions, else the first question probed); None when not probed.
+    """
+
+    slices: dict[str, ProbeSlice]
+    swapped_last_audio_accuracy: float | None = None
+
+    def slice(self, question: str, condition: str, site: str, target: str) -> ProbeSlice | None:
+        return self.slices.get(f"{question}/{condition}/{site}/{target}")
+
+
+def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
+    """Per question/condition/site/target: the best layer with its accuracy, lower bound, control and chance,
+    and the share of middle layers where the label is decodable."""
+    slices: dict[str, ProbeSlice] = {}
     for key, d in against_control(tables["probes"]).groupby(KEYS):
-        name = "/".join(key)
         best = d.loc[d.accuracy.idxmax()]
         top = d.layer.max()
         middle = d[(d.layer >= top / 3) & (d.layer <= 2 * top / 3)]
-        out[f"{name}/best_layer"] = int(best.layer)
-        out[f"{name}/accuracy"] = round(float(best.accuracy), 3)
-        out[f"{name}/ci_low"] = round(float(best.ci_low), 3)
-        out[f"{name}/control"] = round(float(best.control_accuracy), 3)
-        out[f"{name}/chance"] = round(float(best.chance), 3)
-        out[f"{name}/middle_decodable"] = round(float(middle.decodable.mean()), 3)
-    return out
+        slices["/".join(key)] = ProbeSlice(
+            best_layer=int(best.layer),
+            accuracy=num(best.accuracy, 3),
+            ci_low=num(best.ci_low, 3),
+            control=num(best.control_accuracy, 3),
+            chance=num(best.chance, 3),
+            middle_decodable=num(middle.decodable.mean(), 3),
+        )
+    headline = sorted(k for k in slices if k.endswith("/swapped/last/audio_label"))
+    headline.sort(key=lambda k: not k.startswith("hear/"))
+    return Summary(slices, slices[headline[0]].accuracy if headline else None)
 
 
 def plot(tables: dict[str, dict[str, pd.DataFrame]], condition: str = "swapped") -> Figure:
@@ -226,39 +260,52 @@ def plot(tables: dict[str, dict[str, pd.DataFrame]], condition: str = "swapped")
     return fig
 
 
-def findings(summaries: dict[str, dict]) -> list[Finding]:
+def findings(summaries: dict[str, Summary]) -> list[Finding]:
     """Is the audio label linearly decodable from the audio tokens in middle layers on swapped clips?"""
     parts, verdicts = [], []
     for model, s in summaries.items():
-        keys = sorted(k for k in s if k.endswith("/swapped/audio/audio_label/best_layer"))
+        keys = sorted(k for k in s.slices if k.endswith("/swapped/audio/audio_label"))
         if not keys:
             parts.append(f"{model}: no swapped clips with audio tokens probed")
             continue
-        base = keys[0].removesuffix("/best_layer")  # the first question
-        middle, best = (
-            s[f"{base}/middle_decodable"],
-            s[f"{base}/ci_low"] > max(s[f"{base}/control"], s[f"{base}/chance"]),
-        )
+        p = s.slices[keys[0]]  # the first question
+        floor = max(x for x in (p.control, p.chance, 0.0) if x is not None)
+        middle, best = p.middle_decodable or 0.0, p.ci_low is not None and p.ci_low > floor
         verdicts.append("agrees" if middle > 0 else "partly" if best else "disagrees")
         parts.append(
-            f"{model}: decodable in {middle:.0%} of middle layers; best layer {s[f'{base}/best_layer']} at "
-            f"{s[f'{base}/accuracy']:.0%} (95% CI from {s[f'{base}/ci_low']:.0%}; shuffled labels "
-            f"{s[f'{base}/control']:.0%}, chance {s[f'{base}/chance']:.0%})"
+            f"{model}: decodable in {middle:.0%} of middle layers; best layer {p.best_layer} at "
+            f"{pct(p.accuracy)} (95% CI from {pct(p.ci_low)}; shuffled labels {pct(p.control)}, chance {pct(p.chance)})"
         )
-    if not verdicts:
-        verdict = "not measured"
-    else:
-        verdict = verdicts[0] if len(set(verdicts)) == 1 else "partly"
     return [
         Finding(
-            "What is heard stays readable in the hidden states of the audio tokens even when the answer follows "
-            "the picture",
+            CLAIM,
             "audio meaning is present in middle layers of Qwen2.5-Omni (latent audio understanding)",
             "; ".join(parts),
-            verdict,
+            verdict(verdicts),
             "Swapped clips, audio-token mean, linear probe on the audio label. Decodable = the 95% bootstrap lower "
             "bound exceeds both the shuffled-label control and chance; middle = the middle third of the layers. "
             "P1 read the audio tokens with a logit lens, not a trained probe: a probe can find information the "
             "model does not use (see the logit lens for what it decodes).",
         )
     ]
+
+
+CLAIM = "What is heard stays readable in the hidden states of the audio tokens even when the answer follows the picture"
+
+SPEC = Analysis(
+    name=NAME,
+    title="Linear probes: where the audio and visual labels are decodable",
+    claim=CLAIM,
+    Config=Config,
+    Summary=Summary,
+    headline="swapped_last_audio_accuracy",
+    collect=collect,
+    finalize=finalize,
+    summarize=summarize,
+    findings=findings,
+    plot=plot,
+    default_config=Config(
+        questions={"hear": "What do you hear?"}, conditions=("factual", "swapped"), folds=4
+    ),  # 4 clips a class
+    about=__doc__,
+)

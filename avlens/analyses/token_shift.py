@@ -12,7 +12,7 @@ inherited from its vision-language base.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from ..errors import InputError
 from ..layout import TokenLayout
 from ..models.base import Adapter, Inputs, Sample
-from ..report import Finding
 from ..trace import generate, run
+from .base import Analysis, Finding, Needs, num, pct, verdict
 from .common import Item, batches, words
 
 NAME = "token_shift"
@@ -312,19 +312,41 @@ def shares(tokens: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
-    """Shift shares over all tokens and over audio-event words (``audio_*``), mean KL; per clip condition too."""
+@dataclass(frozen=True)
+class Summary:
+    """Shift shares (unshifted: rank 1 under the base, marginal: 2-3, shifted: > 3; top3: rank <= 3) over all
+    generated tokens and over audio-event words (``audio_*``), mean KL(AV || base) in nats, and per clip
+    condition (None: no such tokens)."""
+
+    n_tokens: int
+    n_audio_tokens: int
+    unshifted_share: float | None
+    marginal_share: float | None
+    shifted_share: float | None
+    top3_share: float | None
+    audio_unshifted_share: float | None
+    audio_marginal_share: float | None
+    audio_shifted_share: float | None
+    audio_top3_share: float | None
+    mean_kl: float | None
+    mean_kl_by_condition: dict[str, float | None] = field(default_factory=dict)
+    audio_unshifted_share_by_condition: dict[str, float | None] = field(default_factory=dict)
+
+
+def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
+    """Shift shares over all tokens and over audio-event words, mean KL; per clip condition too."""
     t = tables["tokens"]
     audio = t[t.audio_word.astype(bool)] if len(t) else t
-    out: dict[str, float] = {"n_tokens": float(len(t)), "n_audio_tokens": float(len(audio))}
-    out |= shares(t)
-    out |= {f"audio_{k}": v for k, v in shares(audio).items()}
-    out["mean_kl"] = float(t.kl.mean()) if len(t) else float("nan")
+    out: dict[str, Any] = {"n_tokens": len(t), "n_audio_tokens": len(audio)}
+    out |= {k: num(v) for k, v in shares(t).items()}
+    out |= {f"audio_{k}": num(v) for k, v in shares(audio).items()}
+    out["mean_kl"] = num(t.kl.mean()) if len(t) else None
+    kl, unshifted = {}, {}
     for cond, g in t.groupby("condition"):
         a = g[g.audio_word.astype(bool)]
-        out[f"mean_kl_{cond}"] = float(g.kl.mean())
-        out[f"audio_unshifted_share_{cond}"] = float((a["shift"] == "unshifted").mean()) if len(a) else float("nan")
-    return out
+        kl[cond] = num(g.kl.mean())
+        unshifted[cond] = num((a["shift"] == "unshifted").mean()) if len(a) else None
+    return Summary(**out, mean_kl_by_condition=kl, audio_unshifted_share_by_condition=unshifted)
 
 
 def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
@@ -362,44 +384,61 @@ def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
     return fig
 
 
-def findings(summaries: dict[str, dict]) -> list[Finding]:
+def findings(summaries: dict[str, Summary]) -> list[Finding]:
     """Shift shares and KL beside P1's."""
-    nan = float("nan")
     parts, calls = [], []
     for m, s in summaries.items():
-        un, top3 = s.get("audio_unshifted_share", nan), s.get("audio_top3_share", nan)
+        un, top3 = s.audio_unshifted_share, s.audio_top3_share
         parts.append(
-            f"{m}: audio-event tokens {un:.0%} unshifted, {top3:.0%} in the base's top 3 "
-            f"(n={s.get('n_audio_tokens', 0):.0f}); all tokens {s.get('unshifted_share', nan):.0%} unshifted"
+            f"{m}: audio-event tokens {pct(un)} unshifted, {pct(top3)} in the base's top 3 "
+            f"(n={s.n_audio_tokens}); all tokens {pct(s.unshifted_share)} unshifted"
         )
         calls.append(
-            None if un != un else "agrees" if un >= 0.5 and top3 >= 0.7 else "partly" if top3 >= 0.5 else "disagrees"
+            None
+            if un is None or top3 is None
+            else "agrees"
+            if un >= 0.5 and top3 >= 0.7
+            else "partly"
+            if top3 >= 0.5
+            else "disagrees"
         )
     inherited = Finding(
-        "The AV model's audio-event tokens are mostly what the vision-language base would say",
+        CLAIM,
         "66% of audio-event tokens unshifted, 85% within the base's top 3 (Qwen2.5-Omni vs Qwen2.5-VL)",
         "; ".join(parts),
-        _verdict(calls),
+        verdict(calls),
         "Agrees when at least half the audio-event tokens are unshifted and 70% are in the top 3. "
         "The base sees the same prompt and video without the audio.",
     )
     parts, calls = [], []
     for m, s in summaries.items():
-        kl = s.get("mean_kl", nan)
-        parts.append(f"{m}: mean KL {kl:.2f}")
-        calls.append(None if kl != kl else "agrees" if kl <= 1.0 else "partly" if kl <= 2.0 else "disagrees")
+        kl = s.mean_kl
+        parts.append(f"{m}: mean KL {pct(kl, '.2f')}")
+        calls.append(None if kl is None else "agrees" if kl <= 1.0 else "partly" if kl <= 2.0 else "disagrees")
     divergence = Finding(
         "The AV model's next-token distribution stays close to the base's",
         "KL(AVLLM || base) 0.4 on average over generated tokens",
         "; ".join(parts),
-        _verdict(calls),
+        verdict(calls),
         "KL depends on the vocabulary and how peaked the models are; agrees when it stays below 1 nat.",
     )
     return [inherited, divergence]
 
 
-def _verdict(calls: list[str | None]) -> str:
-    known = [c for c in calls if c is not None]
-    if not known:
-        return "not measured"
-    return known[0] if all(c == known[0] for c in known) else "partly"
+CLAIM = "The AV model's audio-event tokens are mostly what the vision-language base would say"
+
+SPEC = Analysis(
+    name=NAME,
+    title="Token-distribution shift against the vision-language base",
+    claim=CLAIM,
+    Config=Config,
+    Summary=Summary,
+    headline="audio_unshifted_share",
+    collect=collect,
+    summarize=summarize,
+    findings=findings,
+    plot=plot,
+    default_config=Config(conditions=("factual", "swapped")),
+    needs=Needs(base=True, generation=True),
+    about=__doc__,
+)

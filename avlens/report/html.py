@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-VERDICTS = ("agrees", "partly", "disagrees", "not measured")
+from ..analyses.base import Finding
 
 # Colours are chosen to read in print and for colour-blind readers alongside the verdict's own word.
 CSS = """
@@ -56,29 +56,6 @@ caption { caption-side: top; text-align: left; font-weight: bold; padding-bottom
 .verdict-disagrees { background: #f9d6d5; color: #a4161a; }
 .verdict-not-measured { background: #e8e9eb; color: #555; }
 """
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One claim of a paper, set against what we measured.
-
-    Attributes:
-        claim: what the paper reported, in a few words ("vision dominates deep layers").
-        paper: the paper's figure ("blocking video in layers 15-30 raises audio fidelity ~50%").
-        measured: our figure, as text ("+38% (95% CI 31-45%) on 2 000 samples").
-        verdict: one of "agrees", "partly", "disagrees", "not measured".
-        note: anything that qualifies the verdict.
-    """
-
-    claim: str
-    paper: str
-    measured: str
-    verdict: str
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"verdict {self.verdict!r} is not one of {', '.join(VERDICTS)}")
 
 
 @dataclass(frozen=True)
