@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..layout import SpecialIds, TokenLayout
+from ..layout import SpecialIds, TokenLayout, VideoGrid
 from ..media import VideoClip
 from .decoder import DecoderContract
 
@@ -244,3 +244,86 @@ class Adapter(DecoderContract):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source or self.family}, layers={self.n_layers}, d={self.hidden_size})"
+
+    # -- inputs from one's own tensors ------------------------------------------------------------------------
+    def inputs_from_ids(
+        self,
+        input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+        attention_mask: torch.Tensor | None = None,
+        *,
+        groups: dict[str, torch.Tensor] | None = None,
+        **tensors: Any,
+    ) -> Inputs:
+        """Inputs from token ids (and media features) one built oneself, without a chat template or media files.
+
+        The layout is derived from the ids with the model's special ids, as for :meth:`prepare`: ``audio``,
+        ``video``, ``image`` (the placeholder tokens), ``clip0``, ``clip1``... (the media spans), ``last``, and
+        ``system`` / ``question`` from the text of turns that open with the chat template's headers
+        (``<|im_start|>system\\n``, ``<|im_start|>user\\n``): ids without those headers have empty system and
+        question groups, so name your own with ``groups``. For an interleaved (audio-in-video) batch — the
+        family's interleave flag (``use_audio_in_video=True``) and ``video_grid_thw`` given — each vision span
+        that holds audio tokens also gets its ``chunk{j}`` groups, from its grid's frames, the seconds per grid
+        step (``video_second_per_grid``, default 1.0) and the family's chunk rule. ``mm_token_type_ids`` is
+        derived for families whose forward takes it (Qwen2.5-VL), unless given.
+
+        Args:
+            input_ids: (B, L) token ids, left-padded (or (L,) for one row), each media placeholder already
+                repeated once per media token, as the model's forward expects.
+            attention_mask: (B, L), 1 on tokens and 0 on the left padding (default: all ones).
+            groups: extra token groups by name, each a bool mask (B, L) (or (L,) for one row); a derived group of
+                the same name (e.g. ``question``) is replaced.
+            **tensors: the model's other inputs, passed through unchanged, e.g. ``input_features``
+                (n_audio, mel bins, frames) with ``feature_attention_mask`` (n_audio, frames);
+                ``pixel_values_videos`` (n_patches, patch dim) with ``video_grid_thw`` (n_videos, 3) and
+                ``video_second_per_grid`` (n_videos,) (Qwen2.5-VL: ``second_per_grid_ts``); ``pixel_values``
+                with ``image_grid_thw``; ``use_audio_in_video``. Media items are in batch order (row 0's first).
+
+        Returns:
+            Inputs with no samples (``Inputs.samples`` is empty).
+
+        Raises:
+            InputError: ids that are not (B, L), a mask or group of another shape, a mask not left-padded, a
+                row with no token, or more video spans than ``video_grid_thw`` rows.
+        """
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        ids = ids[None] if ids.ndim == 1 else ids
+        if ids.ndim != 2:
+            raise InputError(f"input_ids must be (B, L), got shape {tuple(ids.shape)}")
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long()
+        mask = mask[None] if mask.ndim == 1 else mask
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
+        if not bool(mask.any(1).all()):
+            raise InputError("every row of attention_mask needs at least one token")
+        if bool((mask.diff(dim=1) < 0).any()):
+            raise InputError("inputs must be left-padded: attention_mask is 0 only before a row's first token")
+        out = {"input_ids": ids, "attention_mask": mask, **self._tensors_from_ids(ids, tensors), **tensors}
+        layout = TokenLayout.from_ids(
+            ids,
+            mask,
+            self.special_ids,
+            interleaved=self._interleaved_from_ids(ids, mask, out),
+            chunk_rule=self._chunk_rule,
+        )
+        for name, group in (groups or {}).items():
+            group = torch.as_tensor(group, dtype=torch.bool)
+            group = group[None] if group.ndim == 1 else group
+            if group.shape != ids.shape:
+                raise InputError(f"group '{name}' has shape {tuple(group.shape)}, input_ids {tuple(ids.shape)}")
+            layout = layout.with_group(name, group)
+        return Inputs(tensors=out, layout=layout, samples=[])
+
+    # What a family derives from ids alone (QwenAdapter overrides both).
+    def _tensors_from_ids(self, input_ids: torch.Tensor, given: dict[str, Any]) -> dict[str, Any]:
+        """Model inputs that follow from the ids (B, L) alone and are not among ``given`` (none by default)."""
+        return {}
+
+    def _interleaved_from_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tensors: dict[str, Any]
+    ) -> list[list[VideoGrid]] | None:
+        """Per row, the :class:`VideoGrid` of each interleaved span (None: not interleaved, the default)."""
+        return None
+
+    def _chunk_rule(self, video_times: torch.Tensor, audio_times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunk ids of an interleaved span's video and audio tokens from their times (families that interleave)."""
+        raise NotImplementedError

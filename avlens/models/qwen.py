@@ -264,6 +264,57 @@ class QwenAdapter(Adapter):
         v, a = self.interleave_order(video_times.numpy(), audio_times.numpy())
         return torch.as_tensor(v), torch.as_tensor(a)
 
+    # -- what follows from ids alone (Adapter.inputs_from_ids, and _collate) -----------------------------------
+    def _tensors_from_ids(self, input_ids: torch.Tensor, given: dict[str, Any]) -> dict[str, Any]:
+        """Model inputs that follow from the ids alone: ``mm_token_type_ids`` (B, L) (0 text, 1 image, 2 video,
+        3 audio) for a family that takes them."""
+        if not self.token_types or "mm_token_type_ids" in given:
+            return {}
+        sid = self.special_ids
+        types = torch.zeros_like(input_ids, dtype=torch.int)
+        for value, tok in ((1, sid.image), (2, sid.video), (3, sid.audio)):
+            if tok is not None:
+                types[input_ids == tok] = value
+        return {"mm_token_type_ids": types}
+
+    def _interleaved_from_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tensors: dict[str, Any]
+    ) -> list[list[VideoGrid]] | None:
+        """Per row, the :class:`VideoGrid` of each interleaved span (None when the batch is not interleaved)."""
+        flag = self.interleave_kwarg
+        grid_thw = tensors.get("video_grid_thw")
+        if not flag or not tensors.get(flag) or grid_thw is None:
+            return None
+        sid = self.special_ids
+        seconds = tensors.get(self.video_second_kwarg)
+        per_second = float(self.position_id_per_second)
+        out: list[list[VideoGrid]] = []
+        video = 0  # the media tensors hold the batch's videos in order, row after row
+        for row in range(input_ids.shape[0]):
+            row_ids = input_ids[row][attention_mask[row].bool()].tolist()
+            grids: list[VideoGrid] = []
+            start = None
+            for i, t in enumerate(row_ids):
+                if t == sid.vision_start:
+                    start = i
+                elif t == sid.vision_end and start is not None:
+                    span, start = row_ids[start:i], None
+                    if sid.video not in span:
+                        continue
+                    if video >= len(grid_thw):
+                        raise InputError(f"the ids have more video spans than video_grid_thw's {len(grid_thw)} rows")
+                    steps = int(grid_thw[video][0])
+                    spg = 1.0 if seconds is None else float(seconds[video])
+                    video += 1
+                    if sid.audio not in span:
+                        continue
+                    per_step = span.count(sid.video) // steps
+                    times = np.repeat(np.arange(steps) * spg * per_second, per_step)
+                    audio_times = np.arange(span.count(sid.audio), dtype=np.float64)
+                    grids.append(VideoGrid(torch.as_tensor(times), torch.as_tensor(audio_times)))
+            out.append(grids)
+        return out
+
     # -- inputs ---------------------------------------------------------------------------------------------
     def prepare(self, samples: Sequence[Sample], **options: Any) -> Inputs:
         opts = PrepareOptions(**{**self.options.__dict__, **options})
@@ -443,13 +494,7 @@ class QwenAdapter(Adapter):
             tensors["image_grid_thw"] = torch.from_numpy(np.stack([im[1] for im in images]))
         if interleave and self.interleave_kwarg:
             tensors[self.interleave_kwarg] = True
-        if self.token_types:
-            sid = self.special_ids
-            types = torch.zeros_like(input_ids, dtype=torch.int)
-            for value, tok in ((1, sid.image), (2, sid.video), (3, sid.audio)):
-                if tok is not None:
-                    types[input_ids == tok] = value
-            tensors["mm_token_type_ids"] = types
+        tensors |= self._tensors_from_ids(input_ids, tensors)
         layout = TokenLayout.from_ids(
             input_ids,
             attention_mask,
