@@ -27,7 +27,8 @@ from .base import Adapter, Clip, Embedded, Inputs, Media, Sample
 def chat_template(tokens: dict[str, str]) -> str:
     """A ChatML template in the layout of Qwen's own, for a family's special token strings.
 
-    Used for a tokenizer that ships no chat template, and by the organism's tokenizer.
+    Used for a tokenizer that ships no chat template, and by the word-level tokenizer of the tiny models and the
+    organism (models/tokenizer.py).
     """
     t = tokens
     audio = f"{t['audio_start']}{t['audio']}{t['audio_end']}" if "audio" in t else ""
