@@ -263,14 +263,8 @@ def start_of(interventions: Sequence[Intervention], layout: TokenLayout, n_layer
 def _avlens_attention(adapter: Adapter) -> Iterator[None]:
     """The text decoder's attention through avlens's function for the duration of a run, then as it was."""
     register()
-    before = adapter.text_attention
-    if before != NAME:
-        adapter.set_text_attention(NAME)
-    try:
+    with adapter.text_attention_during(NAME):
         yield
-    finally:
-        if before != NAME:
-            adapter.set_text_attention(before)
 
 
 def _plan(adapter: Adapter, emb: Embedded, layout: TokenLayout, b: int, ivs: Sequence[Intervention]) -> Plan:
@@ -392,7 +386,7 @@ class _Forward:
             hidden=adapter.hidden_size,
             device=self.device,
         )
-        self.windows = {i: adapter.attention_window(i) for i in range(self.n)}
+        self.windows = adapter.attention_windows
         # Results.
         self.states: dict[tuple[int, str], torch.Tensor] = {}
         self.mass: dict[str, dict[int, torch.Tensor]] = {}

@@ -20,6 +20,7 @@ from .interventions import AnyCapture, Intervention
 from .ops import Lowering, Op
 
 KINDS = ("blocks", "biases", "writes", "drops", "states", "attention")
+SITED = ("writes", "states")  # the kinds whose operations name a site
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class Plan:
 
     ops: MappingProxyType = field(repr=False)
     drops: MappingProxyType = field(repr=False)
+    _sites: dict[str, frozenset[tuple[int, str]]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Asked at every layer of a pass: derived once.
+        sites = {k: frozenset((op.layer, op.site) for ops in self.ops[k].values() for op in ops) for k in SITED}
+        object.__setattr__(self, "_sites", sites)
 
     def at(self, kind: str, layer: int) -> tuple[Op, ...]:
         """The operations of ``kind`` at ``layer`` (empty if none)."""
@@ -44,7 +51,7 @@ class Plan:
 
     def sites(self, kind: str) -> frozenset[tuple[int, str]]:
         """(layer, site) pairs of the ``writes`` or ``states`` operations."""
-        return frozenset((op.layer, op.site) for ops in self.ops[kind].values() for op in ops)
+        return self._sites[kind]
 
     @property
     def attention_only(self) -> bool:
