@@ -243,12 +243,13 @@ def test_attention_mass_equals_eager_weights(models, family):
     keys = ["video", "question", "audio"] if adapter.has_audio else ["video", "question"]
     query = "question+last"
     out = run(adapter, inputs, capture=[Capture.attention(query, keys)])
-    adapter.model.set_attn_implementation({"text_config": "eager"})
+    before = adapter.text_attention
+    adapter.set_text_attention("eager")
     try:
         with torch.no_grad():
             att = adapter.model(**adapter.model_inputs(inputs), output_attentions=True).attentions
     finally:
-        adapter.model.set_attn_implementation({"text_config": "avlens"})
+        adapter.set_text_attention(before)
     lay = inputs.layout
     q = lay.mask(query).float()
     for i in range(adapter.n_layers):
