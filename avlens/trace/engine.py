@@ -47,8 +47,8 @@ from transformers import DynamicCache
 from ..layout import TokenLayout
 from ..models.base import Adapter, Embedded, Inputs
 from .attention import ACTIVE, BACKENDS, NAME, masked_softmax, probabilities, register, repeat_kv
-from .interventions import AnyCapture, AttentionCapture, Intervention, ResidualCapture
-from .ops import BiasLogits, BlockEdges, positions_mask
+from .interventions import AnyCapture, Intervention
+from .ops import BiasLogits, BlockEdges
 from .plan import Plan, compile_plan
 
 LogitsAt = Literal["last", "all"]
@@ -810,39 +810,32 @@ class _Forward:
 
     # -- results ------------------------------------------------------------------------------------------------
     def trace(self, rows: slice) -> Trace:
-        """The Trace of a slice of this forward's rows."""
-        caps: dict[str, dict[int, torch.Tensor]] = {}
+        """The Trace of a slice of this forward's rows; each capture builds its result from the records."""
         lay = self.layout.select(torch.arange(len(self.rows))[rows])
-        for cap in self.capture:
-            if isinstance(cap, ResidualCapture):
-                caps[cap.name] = {
-                    i: _select(self.states[(i, cap.site)][rows], cap, lay) for i in cap.all_layers(self.n)
-                }
-            elif isinstance(cap, AttentionCapture):
-                caps[cap.name] = self._attention_result(cap, rows, lay)
+        records = _Records(self, rows)
+        caps = {cap.name: cap.result(records, lay) for cap in self.capture}
         logits = self.logits[rows] if self.logits_at == "all" else self.last_logits[rows]
         return Trace(logits=logits, captures=caps, layout=lay)
 
-    def _attention_result(self, cap: AttentionCapture, rows: slice, lay: TokenLayout) -> dict[int, torch.Tensor]:
-        per_layer = self.mass.get(cap.name, {})
-        q = positions_mask(cap.query, lay).float().to(self.device)  # (B, L)
-        out = {}
-        for i in cap.all_layers(self.n):
-            m = per_layer.get(i)
-            if m is None:
-                out[i] = q.new_full((q.shape[0], self.adapter.n_heads, len(cap.keys)), float("nan"))
-                continue
-            out[i] = torch.einsum("bhlg,bl->bhg", m[rows], q) / q.sum(1)[:, None, None]
-        return out
 
+@dataclass(frozen=True)
+class _Records:
+    """What a forward recorded, for a slice of its rows (see :class:`avlens.trace.ops.Records`)."""
 
-def _select(dense: torch.Tensor, cap: ResidualCapture, layout: TokenLayout) -> torch.Tensor:
-    """A residual capture's result from the dense (B, L, D) record: all of it, or NaN outside ``at``, or the
-    mean over ``at`` (B, D)."""
-    if cap.at is None:
-        return dense
-    mask = positions_mask(cap.at, layout).to(dense.device)
-    if cap.reduce == "mean":
-        w = mask.to(dense.dtype)
-        return torch.einsum("bld,bl->bd", torch.nan_to_num(dense), w) / w.sum(1, keepdim=True)
-    return torch.where(mask[..., None], dense, float("nan"))
+    forward: _Forward
+    rows: slice
+
+    @property
+    def n_layers(self) -> int:
+        return self.forward.n
+
+    @property
+    def n_heads(self) -> int:
+        return self.forward.adapter.n_heads
+
+    def state(self, layer: int, site: str) -> torch.Tensor:
+        return self.forward.states[(layer, site)][self.rows]
+
+    def mass(self, name: str, layer: int) -> torch.Tensor | None:
+        m = self.forward.mass.get(name, {}).get(layer)
+        return None if m is None else m[self.rows]

@@ -43,6 +43,7 @@ from .ops import (
     Lowering,
     Op,
     RecordAttention,
+    Records,
     RecordState,
     WriteState,
     positions_mask,
@@ -317,6 +318,22 @@ class ResidualCapture:
         """What the run records for it: the whole state at each layer (selected by ``at`` afterwards)."""
         return [RecordState(i, self.site) for i in self.all_layers(n_layers)]
 
+    def result(self, records: Records, layout: TokenLayout) -> dict[int, torch.Tensor]:
+        """layer -> the whole state (B, L, D), NaN outside ``at``, or its mean over ``at`` (B, D)."""
+        out = {}
+        for i in self.all_layers(records.n_layers):
+            dense = records.state(i, self.site)
+            if self.at is None:
+                out[i] = dense
+                continue
+            mask = positions_mask(self.at, layout).to(dense.device)
+            if self.reduce == "mean":
+                w = mask.to(dense.dtype)
+                out[i] = torch.einsum("bld,bl->bd", torch.nan_to_num(dense), w) / w.sum(1, keepdim=True)
+            else:
+                out[i] = torch.where(mask[..., None], dense, float("nan"))
+        return out
+
 
 @dataclass(frozen=True)
 class AttentionCapture:
@@ -345,6 +362,19 @@ class AttentionCapture:
         q = positions_mask(self.query, layout)
         keys = torch.stack([positions_mask(k, layout) for k in self.keys], -1).float()  # (R, L, G)
         return [RecordAttention(i, self.name, q, keys) for i in self.all_layers(n_layers)]
+
+    def result(self, records: Records, layout: TokenLayout) -> dict[int, torch.Tensor]:
+        """layer -> (B, H, K): the mass toward each key group, averaged over the query positions."""
+        q = positions_mask(self.query, layout).float()  # (B, L)
+        out = {}
+        for i in self.all_layers(records.n_layers):
+            m = records.mass(self.name, i)
+            if m is None:
+                out[i] = torch.full((q.shape[0], records.n_heads, len(self.keys)), float("nan"))
+                continue
+            q = q.to(m.device)
+            out[i] = torch.einsum("bhlg,bl->bhg", m, q) / q.sum(1)[:, None, None]
+        return out
 
 
 class Capture:

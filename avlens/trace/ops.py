@@ -17,7 +17,7 @@ Every op has a ``layer`` and a ``kind`` (the plan's field it belongs to, see :cl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 
 import torch
 
@@ -152,3 +152,17 @@ def positions_mask(at: str | tuple[int, ...], layout: TokenLayout) -> torch.Tens
     mask = torch.zeros_like(layout.valid)
     mask[:, list(at)] = True
     return mask & layout.valid
+
+
+class Records(Protocol):
+    """What a finished forward offers a capture to build its result from, for the rows of one condition."""
+
+    n_layers: int
+    n_heads: int
+
+    def state(self, layer: int, site: str) -> torch.Tensor:
+        """The state at ``site`` of ``layer`` recorded for every position, (B, L, D) (NaN where not computed)."""
+
+    def mass(self, name: str, layer: int) -> torch.Tensor | None:
+        """The attention mass capture ``name`` recorded at ``layer``, (B, H, L, G) per query position and key
+        group (zero at positions that are not queries), or None if that layer recorded none."""
