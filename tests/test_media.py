@@ -21,6 +21,7 @@ from avlens.errors import MediaError
 from avlens.media import (
     AudioProcessor,
     VisionProcessor,
+    decode_audio,
     load_audio,
     load_image,
     load_video,
@@ -155,8 +156,25 @@ def media(tmp_path_factory) -> dict[str, Path]:
     files["random_mp4"] = d / "random.mp4"
     files["random_mp4"].write_bytes(np.random.default_rng(1).bytes(20_000))
     files["unknown_codec_wav"] = unknown_codec_wav(d / "unknown_codec.wav")
-    files["xyz"] = d / "clip.xyz"
-    files["xyz"].write_bytes(files["mp4"].read_bytes())
+    files["xyz"] = d / "notes.xyz"
+    files["xyz"].write_text("not media")
+    files["text_wav"] = d / "notes.wav"
+    files["text_wav"].write_text("not media, whatever the name says\n")
+    files["text_noext"] = d / "notes"
+    files["text_noext"].write_text("not media\n")
+    # Decodable files under names the old extension lists refused.
+    files["mp4_as_xyz"] = d / "clip.xyz"
+    files["mp4_as_xyz"].write_bytes(files["mp4"].read_bytes())
+    files["oga"] = d / "sine.oga"  # Ogg Vorbis, as Debian's sound themes ship
+    sf.write(files["oga"], stereo, 44100, format="OGG", subtype="VORBIS")
+    files["opus_oga"] = d / "opus.oga"
+    sf.write(files["opus_oga"], sine(48000).T, 48000, format="OGG", subtype="OPUS")
+    files["wav_noext"] = d / "recording"
+    sf.write(files["wav_noext"], stereo, 44100, format="WAV")
+    files["png"] = d / "red.png"
+    Image.fromarray(np.full((16, 16, 3), RED, np.uint8)).save(files["png"])
+    files["png_as_dat"] = d / "red.dat"
+    files["png_as_dat"].write_bytes(files["png"].read_bytes())
     files["cover_mp3"] = mp3_with_cover_art(d / "cover.mp3")
     files["missing"] = d / "does_not_exist.mp4"
     files["bad_png"] = d / "broken.png"
@@ -347,15 +365,20 @@ BAD_INPUTS = [  # (fixture key, loader, problem the message must contain)
     ("random_mp4", probe, "not a readable media file"),
     ("silent_mp4", load_audio, "no audio track"),
     ("empty_wav", load_audio, "audio is empty (0 samples)"),
-    ("xyz", load_video, "unsupported container '.xyz' (supported: .mp4, .mkv, .webm, .avi, .mov)"),
-    ("xyz", load_audio, "unsupported container '.xyz'"),
+    ("xyz", load_video, "unsupported format '.xyz' (not audio or video FFmpeg can decode"),
+    ("xyz", load_audio, "unsupported format '.xyz'"),
+    ("text_wav", load_audio, "not a readable media file (Invalid data"),
+    ("text_wav", probe, "not a readable media file"),
+    ("text_noext", load_audio, "unsupported format 'notes' (not audio or video"),
     ("wav", load_video, "no video track"),
     ("m4a", load_video, "no video track"),
     ("cover_mp3", load_video, "no video track"),
     ("unknown_codec_wav", load_audio, "unsupported codec"),
     ("bad_png", load_image, "not a readable image"),
-    ("bad_png", load_audio, "unsupported container '.png'"),
-    ("mp4", load_image, "unsupported image format '.mp4'"),
+    ("bad_png", load_audio, "no audio track"),
+    ("png", load_audio, "no audio track"),
+    ("png", load_video, "an image (png_pipe), not a video"),
+    ("mp4", load_image, "unsupported image format '.mp4' (Pillow cannot read it"),
 ]
 
 
@@ -369,6 +392,27 @@ def test_bad_input_raises_one_media_error(media, key, loader, problem):
     assert problem in message
     assert "\n" not in message
     assert caught.value.path == str(path)
+
+
+@pytest.mark.parametrize("key", ["oga", "opus_oga", "wav_noext", "mp4_as_xyz"])
+def test_media_are_judged_by_content_not_extension(media, key):
+    audio = load_audio(media[key])
+    assert audio.dtype == np.float32 and len(audio) == pytest.approx(16000 * SECONDS, rel=0.02)
+    assert dominant_hz(audio, 16000) == pytest.approx(SINE_HZ, abs=5)
+    assert probe(media[key]).has_audio
+
+
+def test_decode_audio_reports_the_source_rate(media):
+    track = decode_audio(media["oga"])
+    assert (track.sampling_rate, track.source_rate) == (16000, 44100)
+    assert track.seconds == pytest.approx(SECONDS, rel=0.02)
+
+
+def test_video_and_image_by_content(media):
+    clip = load_video(media["mp4_as_xyz"])
+    assert clip.frames.shape[1:] == (SIZE, SIZE, 3) and clip.duration == pytest.approx(SECONDS, rel=0.05)
+    image = load_image(media["png_as_dat"])
+    assert image.shape == (16, 16, 3) and image[0, 0].tolist() == list(RED)
 
 
 def test_cover_art_is_not_video(media):

@@ -3,6 +3,11 @@
 Audio and video containers are read with PyAV (FFmpeg), images with Pillow. Every problem with a file is
 raised as one :class:`~avlens.errors.MediaError` naming the file; no PyAV, Pillow or OS exception escapes.
 
+Files are accepted by content, not by name: whatever FFmpeg (audio, video) or Pillow (images) can decode is
+read, whatever its extension (an ``.oga`` Ogg file, a wav saved without an extension). The extension lists
+below only choose the wording of a refusal: an undecodable file with a media extension is "not a readable
+media file" (damaged), one with another extension is "unsupported".
+
 Damaged files:
 
 * A file FFmpeg cannot open (random bytes; an mp4 cut short, which loses its index at the end) raises
@@ -31,8 +36,9 @@ from avlens.errors import MediaError
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+# Usual extensions, for messages only: files are probed by content (see the module docstring).
 SUPPORTED_VIDEO = (".mp4", ".mkv", ".webm", ".avi", ".mov")
-SUPPORTED_AUDIO = (".wav", ".flac", ".ogg", ".mp3", ".m4a")
+SUPPORTED_AUDIO = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a")
 SUPPORTED_IMAGE = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 # What PyAV raises on bad data: its own FFmpegError family, plus OSError/ValueError/EOFError from the Python
@@ -40,6 +46,9 @@ SUPPORTED_IMAGE = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _AV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 # What Pillow raises on unreadable, truncated or absurdly large images.
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+# FFmpeg demuxers of still images (besides the "*_pipe" ones): load_video refuses them.
+_IMAGE_DEMUXERS = ("image2",)
 
 # Below this share of the declared frame count, a video counts as truncated rather than slightly off
 # (avi indexes, for one, often declare a frame more than they hold).
@@ -90,9 +99,9 @@ def probe(path: str | Path) -> MediaInfo:
     """Describe the tracks of an audio or video file without decoding it.
 
     Raises:
-        MediaError: missing file, unsupported extension, or a file FFmpeg cannot open.
+        MediaError: missing file, or a file FFmpeg cannot open.
     """
-    p = _check_file(path, SUPPORTED_VIDEO + SUPPORTED_AUDIO)
+    p = _check_file(path)
     with _open(p) as container:
         videos = _video_streams(container)
         audios = list(container.streams.audio)
@@ -124,15 +133,44 @@ def load_audio(path: str | Path, *, sampling_rate: int = 16000) -> np.ndarray:
         MediaError: missing, unsupported, unreadable or corrupt file; no audio track; undecodable codec;
             no samples.
     """
+    return decode_audio(path, sampling_rate=sampling_rate).samples
+
+
+@dataclass
+class AudioTrack:
+    """An audio track decoded as mono.
+
+    Attributes:
+        samples: float32 array (n,), in [-1, 1], at ``sampling_rate``.
+        sampling_rate: rate of ``samples`` (what was asked for).
+        source_rate: sample rate of the file's track.
+    """
+
+    samples: np.ndarray
+    sampling_rate: int
+    source_rate: int | None
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sampling_rate
+
+
+def decode_audio(path: str | Path, *, sampling_rate: int = 16000) -> AudioTrack:
+    """:func:`load_audio` with the track's own sample rate alongside the samples.
+
+    Raises:
+        MediaError: as :func:`load_audio`.
+    """
     if sampling_rate <= 0:
         raise ValueError(f"sampling_rate must be positive, got {sampling_rate}")
-    p = _check_file(path, SUPPORTED_AUDIO + SUPPORTED_VIDEO)
+    p = _check_file(path)
     with _open(p) as container:
         if not container.streams.audio:
             raise MediaError("no audio track", path=str(p))
         stream = container.streams.audio[0]
         if stream.codec_context is None:
             raise MediaError("unsupported codec (FFmpeg has no decoder for the audio track)", path=str(p))
+        source_rate = stream.codec_context.sample_rate or stream.rate or None
         # rematrix_maxval=1 scales the downmix matrix so its coefficients sum to 1, i.e. a plain average.
         resampler = av.AudioResampler(
             format="flt", layout="mono", rate=sampling_rate, options={"rematrix_maxval": "1.0"}
@@ -147,7 +185,7 @@ def load_audio(path: str | Path, *, sampling_rate: int = 16000) -> np.ndarray:
     audio = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     if audio.size == 0:
         raise MediaError("audio is empty (0 samples)", path=str(p))
-    return audio
+    return AudioTrack(audio, sampling_rate, int(source_rate) if source_rate else None)
 
 
 def load_video(
@@ -179,10 +217,11 @@ def load_video(
         raise ValueError("frame_factor and min_frames must be at least 1")
     if max_frames is not None and max_frames < frame_factor:
         raise ValueError(f"max_frames ({max_frames}) must be at least frame_factor ({frame_factor})")
-    # An audio file is let through so that it gets the more useful "no video track".
-    p = _check_file(path, SUPPORTED_VIDEO, also_accept=SUPPORTED_AUDIO)
+    p = _check_file(path)
 
     with _open(p) as container:
+        if container.format.name in _IMAGE_DEMUXERS or container.format.name.endswith("_pipe"):
+            raise MediaError(f"an image ({container.format.name}), not a video: pass it as an image", path=str(p))
         streams = _video_streams(container)
         if not streams:
             raise MediaError("no video track", path=str(p))
@@ -241,7 +280,7 @@ def load_image(path: str | Path) -> np.ndarray:
     Raises:
         MediaError: missing, unsupported, unreadable or corrupt file.
     """
-    p = _check_file(path, SUPPORTED_IMAGE, kind="image format")
+    p = _check_file(path)
     try:
         with Image.open(p) as image:
             image = ImageOps.exif_transpose(image)
@@ -251,7 +290,12 @@ def load_image(path: str | Path) -> np.ndarray:
                 image = Image.alpha_composite(white, rgba)
             return np.array(image.convert("RGB"), dtype=np.uint8)
     except _PIL_ERRORS as e:
-        raise MediaError(f"not a readable image ({_reason(e, p)})", path=str(p)) from e
+        if p.suffix.lower() in SUPPORTED_IMAGE:
+            raise MediaError(f"not a readable image ({_reason(e, p)})", path=str(p)) from e
+        raise MediaError(
+            f"unsupported image format '{p.suffix.lower() or p.name}' (Pillow cannot read it: {_reason(e, p)})",
+            path=str(p),
+        ) from e
 
 
 def _sample_indices(
@@ -267,18 +311,13 @@ def _sample_indices(
     return np.linspace(0, total - 1, n).round().astype(np.int64)
 
 
-def _check_file(
-    path: str | Path, supported: tuple[str, ...], kind: str = "container", also_accept: tuple[str, ...] = ()
-) -> Path:
-    """The file as a Path, if it exists and its extension is in ``supported`` or ``also_accept``."""
+def _check_file(path: str | Path) -> Path:
+    """The file as a Path, if it exists (its content is judged by the decoder, not its name)."""
     p = Path(path)
     if not p.exists():
         raise MediaError("file not found", path=str(p))
     if not p.is_file():
         raise MediaError("not a file", path=str(p))
-    ext = p.suffix.lower()
-    if ext not in supported + also_accept:
-        raise MediaError(f"unsupported {kind} '{ext or p.name}' (supported: {', '.join(supported)})", path=str(p))
     return p
 
 
@@ -287,7 +326,13 @@ def _open(p: Path) -> Iterator[av.container.InputContainer]:
     try:
         container = av.open(str(p))
     except _AV_ERRORS as e:
-        raise MediaError(f"not a readable media file ({_reason(e, p)})", path=str(p)) from e
+        ext = p.suffix.lower()
+        if ext in SUPPORTED_VIDEO + SUPPORTED_AUDIO:  # a media file by name: damaged
+            raise MediaError(f"not a readable media file ({_reason(e, p)})", path=str(p)) from e
+        raise MediaError(
+            f"unsupported format '{ext or p.name}' (not audio or video FFmpeg can decode: {_reason(e, p)})",
+            path=str(p),
+        ) from e
     with container:
         yield container
 
@@ -355,8 +400,10 @@ __all__ = [
     "SUPPORTED_AUDIO",
     "SUPPORTED_IMAGE",
     "SUPPORTED_VIDEO",
+    "AudioTrack",
     "MediaInfo",
     "VideoClip",
+    "decode_audio",
     "load_audio",
     "load_image",
     "load_video",
