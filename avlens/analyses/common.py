@@ -196,10 +196,16 @@ class LLMJudge:
         return float(m.group(1)), float(m.group(2))
 
 
+FOLLOWS = ("audio", "visual", "both", "neither")
+"""What a class answer names: the audio label only, the visual label only, both (also: the one label of a clip
+whose sound and picture are the same class), or neither."""
+
+
 def follows(text: str, item: Item) -> str:
-    """On a clip whose sound and picture disagree: does a class answer name the audio label, the visual
-    label, or neither (or both)?"""
+    """Which of :data:`FOLLOWS` a class answer is: "audio" / "visual" when it names only the audio / only the
+    visual label, "both" when it names both (on a congruent clip, where the two labels are one word, naming it
+    is "both"), "neither" otherwise."""
     w = set(words(text))
     a = item.audio_label is not None and item.audio_label in w
     v = item.visual_label is not None and item.visual_label in w
-    return "audio" if a and not v else "visual" if v and not a else "neither"
+    return "both" if a and v else "audio" if a else "visual" if v else "neither"

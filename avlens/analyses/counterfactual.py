@@ -64,18 +64,22 @@ def accuracy(answers: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Summary:
-    """One model's counterfactual figures.
+    """One model's counterfactual figures (None: no data, with its n = 0 beside it).
 
     Attributes:
-        accuracy: question -> clip condition -> share of right answers (None for free-form questions).
-        follows_vision_rate / follows_audio_rate: on swapped clips, the share of "hear" answers naming the
-            visual / the audio label (None without swapped clips).
+        accuracy: question -> clip condition -> share of right answers (None for free-form questions or
+            without scored answers); n: question -> clip condition -> answers scored.
+        follows_vision_rate / follows_audio_rate / follows_both_rate: on swapped clips, the share of "hear"
+            answers naming only the visual label / only the audio label / both; n_swapped_hear: how many.
         hear_accuracy_drop_swapped: "hear" accuracy on factual clips minus on swapped ones.
     """
 
     accuracy: dict[str, dict[str, float | None]]
+    n: dict[str, dict[str, int]] = field(default_factory=dict)
     follows_vision_rate: float | None = None
     follows_audio_rate: float | None = None
+    follows_both_rate: float | None = None
+    n_swapped_hear: int = 0
     hear_accuracy_drop_swapped: float | None = None
 
     def hear(self, condition: str) -> float | None:
@@ -86,19 +90,24 @@ class Summary:
 def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
     a = tables["answers"]
     acc: dict[str, dict[str, float | None]] = {}
-    for (cond, q), v in a.groupby(["condition", "question"]).correct.mean().items():
-        acc.setdefault(q, {})[cond] = num(v, 3)
-    out = Summary(acc)
+    n: dict[str, dict[str, int]] = {}
+    for (cond, q), g in a.groupby(["condition", "question"]):
+        scored = g.correct.dropna().astype(float)
+        acc.setdefault(q, {})[cond] = num(scored.mean(), 3) if len(scored) else None
+        n.setdefault(q, {})[cond] = len(scored)
+    out = Summary(acc, n)
     swapped = a[(a.condition == "swapped") & (a.question == "hear")]
     if len(swapped):
         out = replace(
             out,
             follows_vision_rate=num((swapped.follows == "visual").mean(), 3),
             follows_audio_rate=num((swapped.follows == "audio").mean(), 3),
+            follows_both_rate=num((swapped.follows == "both").mean(), 3),
+            n_swapped_hear=len(swapped),
         )
-    factual = a[(a.condition == "factual") & (a.question == "hear")]
-    if len(factual) and len(swapped):
-        out = replace(out, hear_accuracy_drop_swapped=num(factual.correct.mean() - swapped.correct.mean(), 3))
+    factual, swapped_acc = out.hear("factual"), out.hear("swapped")
+    if factual is not None and swapped_acc is not None:
+        out = replace(out, hear_accuracy_drop_swapped=num(factual - swapped_acc, 3))
     return out
 
 

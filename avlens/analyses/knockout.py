@@ -33,6 +33,8 @@ ANSWER = "answer"
 prompt position (which produces the first answer token) and, when generating, the generated tokens."""
 ANSWER_GROUPS = "last+generated"
 BASELINE = "baseline"
+NAMES_AUDIO = ("audio", "both")
+"""``follows`` values whose answer names the audio label: on a congruent clip it is also the visual label."""
 
 DEFAULT_EDGES: tuple[tuple[str, str], ...] = (
     (ANSWER, "video"),
@@ -92,7 +94,7 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
     - delta_audio, delta_visual: p - p_base; dp_audio, dp_visual: (p - p_base) / p_base (P3's dp); dp_expected:
       the same for the expected answer;
     - answer, answer_base: the argmax token; correct, correct_base: it is the expected answer's first token (None
-      without one); follows, follows_base: "audio", "visual" or "neither".
+      without one); follows, follows_base: "audio", "visual", "both" or "neither" (see :func:`_follows`).
 
     Table ``errors``: items whose inputs could not be built.
     """
@@ -161,8 +163,7 @@ class _Readout:
                     "p_expected": float(probs[b, x]) if x is not None else float("nan"),
                     "answer": token.adapter.decode([answer]),
                     "correct": None if x is None else answer == x,
-                    # the same first token for both labels says nothing about which modality won
-                    "follows": "audio" if answer == a != v else "visual" if answer == v != a else "neither",
+                    "follows": _follows(answer, a, v),
                 }
             )
 
@@ -187,6 +188,13 @@ class _Readout:
         }
 
 
+def _follows(answer: int, audio: int | None, visual: int | None) -> str:
+    """:data:`~avlens.analyses.common.FOLLOWS` for a one-token answer: "both" when it is the first token of both
+    labels (a congruent clip, whose two labels are one word, or labels sharing their first token)."""
+    a, v = answer == audio, answer == visual
+    return "both" if a and v else "audio" if a else "visual" if v else "neither"
+
+
 def _relative(p: float, p_base: float) -> float:
     """P3's dp = (p - p_base) / p_base (NaN when the baseline probability is 0 or undefined)."""
     return (p - p_base) / p_base if p_base > 0 else float("nan")
@@ -197,9 +205,10 @@ def _relative(p: float, p_base: float) -> float:
 # ---------------------------------------------------------------------------------------------------------
 def profile(knockout: pd.DataFrame) -> pd.DataFrame:
     """Means per clip condition, edge and window start: delta_audio, delta_visual, dp_expected, and the shares
-    of answers that follow audio / are correct after the knockout."""
+    of answers that follow the audio (name the audio label: follows "audio" or "both") / are correct after the
+    knockout."""
     df = knockout.assign(
-        follows_audio=(knockout.follows == "audio").astype(float),
+        follows_audio=knockout.follows.isin(NAMES_AUDIO).astype(float),
         correct=knockout.correct.astype(float),
     )
     cols = ["delta_audio", "delta_visual", "dp_expected", "follows_audio", "correct"]
@@ -217,7 +226,8 @@ class Summary:
 
     Per clip condition (``factual_*``, ``swapped_*``):
 
-    - ``follows_audio_base`` / ``accuracy_base``: without knockout;
+    - ``follows_audio_base`` / ``accuracy_base``: without knockout (follows audio: the answer names the audio
+      label, alone or, on a congruent clip, as the one label of sound and picture);
     - ``follows_audio_after_video_knockout``: the share of answers that follow the audio after blocking
       answer -> video in the best deep window (deep: starting in the second half of the layers; best: the most
       audio answers), ``best_video_window_start`` that window, ``accuracy_after_video_knockout`` the accuracy
@@ -284,7 +294,7 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
         base = _baseline(ko, cond)
         if base.empty:
             continue
-        out[f"{cond}_follows_audio_base"] = float((base.follows_base == "audio").mean())
+        out[f"{cond}_follows_audio_base"] = float(base.follows_base.isin(NAMES_AUDIO).mean())
         out[f"{cond}_accuracy_base"] = float(base.correct_base.astype(float).mean())
         follows = series(cond, video, "follows_audio").reindex(deep)
         if follows.notna().any():

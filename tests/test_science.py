@@ -1,0 +1,116 @@
+"""Figures that must mean what their names say: what an answer follows (both labels, congruent clips), swapped
+clips that stay swapped through the counterfactual builder, headline names, the probe's dropped classes, the
+KL verdict and missing figures as null with n = 0."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from avlens.analyses import counterfactual, knockout
+from avlens.analyses.common import Item, follows
+from avlens.data import counterfactual as build_counterfactual
+from avlens.data import read_manifest
+from avlens.models.base import Sample
+from avlens.organism.world import LABEL_GROUPS, WorldConfig, write_world
+
+
+def item(heard: str | None, seen: str | None, condition: str = "factual") -> Item:
+    return Item("x/hear", Sample("What do you hear?"), condition, "hear", heard, seen, heard or "nothing")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9: follows
+# ---------------------------------------------------------------------------------------------------------
+def test_follows_names_both_labels_and_congruent_clips():
+    swapped = item("bell", "dog", "swapped")
+    assert follows("bell", swapped) == "audio"
+    assert follows("a dog", swapped) == "visual"
+    assert follows("a dog and a bell", swapped) == "both"
+    assert follows("a cat", swapped) == "neither"
+    congruent = item("dog", "dog")  # sound and picture of one class: naming it follows both
+    assert follows("dog", congruent) == "both"
+    assert follows("cat", congruent) == "neither"
+    assert follows("dog", item("dog", None, "blank_video")) == "audio"
+
+
+def test_knockout_factual_level_counts_congruent_answers():
+    """A congruent clip answered with its one label names the sound: the factual level is 100%, not 0%."""
+    assert knockout._follows(7, 7, 7) == "both"
+    assert knockout._follows(7, 7, 8) == "audio" and knockout._follows(8, 7, 8) == "visual"
+    assert knockout._follows(9, 7, 8) == "neither"
+    rows = []
+    for i, cond in enumerate(["factual"] * 2 + ["swapped"] * 2):
+        for s in range(3):
+            base = "both" if cond == "factual" else "visual"
+            rows.append(
+                {
+                    "id": str(i),
+                    "condition": cond,
+                    "edge": "answer->video",
+                    "window_start": s,
+                    "window_end": s + 2,
+                    "delta_audio": 0.0,
+                    "delta_visual": 0.0,
+                    "dp_expected": 0.0,
+                    "follows": base if s < 2 else ("both" if cond == "factual" else "audio"),
+                    "follows_base": base,
+                    "correct": True,
+                    "correct_base": True,
+                }
+            )
+    s = knockout.summarize({"knockout": pd.DataFrame(rows)})
+    assert s.factual_follows_audio_base == 1.0
+    assert s.swapped_follows_audio_base == 0.0 and s.swapped_follows_audio_after_video_knockout == 1.0
+    assert "factual level 100%" in knockout.findings({"m": s})[0].measured
+
+
+def test_counterfactual_summary_counts_both_and_n():
+    answers = pd.DataFrame(
+        [
+            {"condition": "factual", "question": "hear", "correct": True, "follows": "both"},
+            {"condition": "swapped", "question": "hear", "correct": False, "follows": "visual"},
+            {"condition": "swapped", "question": "hear", "correct": True, "follows": "both"},
+            {"condition": "swapped", "question": "describe", "correct": None, "follows": "neither"},
+        ]
+    )
+    s = counterfactual.summarize({"answers": answers})
+    assert s.follows_vision_rate == 0.5 and s.follows_both_rate == 0.5 and s.follows_audio_rate == 0.0
+    assert s.n_swapped_hear == 2 and s.n["hear"] == {"factual": 1, "swapped": 2}
+    # 4: a figure with no data is None with n = 0, never 0.0
+    assert s.accuracy["describe"]["swapped"] is None and s.n["describe"]["swapped"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 10: a world's swapped clips stay swapped
+# ---------------------------------------------------------------------------------------------------------
+def test_a_worlds_swapped_clips_stay_swapped_through_the_builder(tmp_path):
+    cfg = WorldConfig(duration=0.5, height=32, width=48, fps=8)
+    world = write_world(tmp_path / "world", 6, seed=3, cfg=cfg, swapped_share=0.5, workers=1)
+    source = read_manifest(world).set_index("id", drop=False)
+    assert set(source.condition) == {"congruent", "swapped"}
+    report = build_counterfactual(world, tmp_path / "cf", groups=LABEL_GROUPS, seed=0)
+    out = read_manifest(report.manifest)
+    assert report.problems == []
+    for source_id, rows in out.groupby("source_id"):
+        src = source.loc[source_id]
+        by = rows.set_index("condition")
+        swapped = by.loc["swapped"]
+        if src.condition == "swapped":
+            assert "factual" not in by.index  # its own clip is not factual
+            assert swapped["audio_label"] == swapped["expect_hear"] == src.audio_label  # the sound it plays
+            assert swapped["visual_label"] == src.visual_label != src.audio_label
+            assert swapped["partner_id"] is None
+        else:
+            assert by.loc["factual", "audio_label"] == by.loc["factual", "visual_label"] == src.audio_label
+            assert swapped["partner_id"] is not None and swapped["audio_label"] != src.audio_label
+    factual = out[out.condition == "factual"]
+    assert (factual.audio_label == factual.visual_label).all()
+    n_swapped_sources = int((source.condition == "swapped").sum())
+    assert report.counts["factual"] == len(source) - n_swapped_sources
+    assert report.counts["swapped"] == len(source)
+
+
+def test_a_world_is_congruent_by_default(tmp_path):
+    cfg = WorldConfig(duration=0.5, height=32, width=48, fps=8)
+    source = read_manifest(write_world(tmp_path, 4, seed=1, cfg=cfg, workers=1))
+    assert set(source.condition) == {"congruent"}
