@@ -115,6 +115,10 @@ def counterfactual(
     are drawn at random (by ``seed``) over the allowed labels, and round-robin within a label so that donors
     are used evenly. The partner's audio is cut or looped to the length of the row's own audio.
 
+    A source row whose sound already disagrees with its picture (``condition`` "swapped", as in a world written
+    with ``swapped_share`` > 0) stays swapped: it has no factual variant, and its swapped variant is the clip as
+    it is (its own sound and labels, no partner); its other variants are built as for any row.
+
     Output, under ``out_dir``: ``clips/`` with the media and ``manifest.jsonl`` with one line per (source row,
     condition) and the columns ``id`` (``<source_id>__<condition>``), ``source_id``, ``condition``, ``video``
     (mp4, or null), ``audio`` (a wav of what the clip plays, the same samples as the mp4's audio track; null
@@ -123,8 +127,9 @@ def counterfactual(
     (swapped rows only, else null), then the source row's other columns (a name the output already uses gets
     the prefix ``source_``, e.g. the organism's ``condition`` becomes ``source_condition``).
 
-    A source row is written with all its conditions or not at all (reported), so the conditions stay
-    balanced. Loadable with ``datasets.load_dataset("json", data_files=str(out_dir / "manifest.jsonl"))``.
+    A source row is written with all its conditions (those it can have) or not at all (reported), so the
+    conditions stay balanced. Loadable with
+    ``datasets.load_dataset("json", data_files=str(out_dir / "manifest.jsonl"))``.
 
     Args:
         manifest: a manifest file or a table from :func:`~avlens.data.read_manifest`; needs ``video``,
@@ -171,7 +176,7 @@ def counterfactual(
     if relation is not None:
         partners = _choose_partners(rows, relation, seed)
         for r in rows:
-            if r.id not in partners:
+            if r.id not in partners and not _already_swapped(r.row):
                 problems.append(
                     {
                         "id": r.id,
@@ -180,20 +185,22 @@ def counterfactual(
                         f" (and to the visual label {r.row['visual_label']!r})",
                     }
                 )
-        rows = [r for r in rows if r.id in partners]
+        rows = [r for r in rows if r.id in partners or _already_swapped(r.row)]
 
     records: list[dict] = []
     for done, r in enumerate(rows, 1):
         stem = out_dir / "clips" / f"{r.index:06d}_{_safe(r.id)}"
         written: list[Path] = []
+        own = _conditions_of(r.row, conditions)
+        partner = None if _already_swapped(r.row) else partners.get(r.id)
         try:
-            files = _write_variants(r.row, partners.get(r.id), stem, conditions, written)
+            files = _write_variants(r.row, partner, stem, own, written)
         except InputError as e:
             for p in written:  # leave no half-built row behind
                 p.unlink(missing_ok=True)
             problems.append(_problem(r.id, e))
         else:
-            records += _variant_records(r.row, partners.get(r.id), files, conditions, out_dir)
+            records += _variant_records(r.row, partner, files, own, out_dir)
         if progress is not None:
             progress(done, len(rows))
 
@@ -256,6 +263,20 @@ class _Relation:
         return bool(ga and gb and not ga & gb)
 
 
+def _already_swapped(row: dict) -> bool:
+    """A source clip whose sound already disagrees with its picture (a world's ``condition`` "swapped", as
+    :func:`avlens.organism.world.write_world` marks them): its own clip is a swapped clip, never a factual one."""
+    return row.get("condition") == "swapped"
+
+
+def _conditions_of(row: dict, conditions: tuple[str, ...]) -> tuple[str, ...]:
+    """The conditions a source row is built in: an already swapped clip has no factual variant, and its swapped
+    variant is the clip as it is (its own sound: no second swap)."""
+    if _already_swapped(row):
+        return tuple(c for c in conditions if c != "factual")
+    return conditions
+
+
 def _choose_partners(rows: list[_Row], relation: _Relation, seed: int) -> dict[str, _Row]:
     """Row id -> the row whose audio it gets in its swapped variant (rows without any candidate are left out)."""
     rng = np.random.default_rng(seed)
@@ -268,6 +289,8 @@ def _choose_partners(rows: list[_Row], relation: _Relation, seed: int) -> dict[s
     labels = sorted(by_label)
     out = {}
     for r in rows:
+        if _already_swapped(r.row):
+            continue  # swapped already: it plays its own sound
         heard, seen = r.row["audio_label"], r.row["visual_label"]
         allowed = [
             p
@@ -293,8 +316,7 @@ def _write_variants(
     own = _audio_of(row)
     sounds: dict[str, np.ndarray | None] = {}  # condition -> the audio its clip plays (None: no track)
     for c in conditions:
-        if c == "swapped":
-            assert partner is not None
+        if c == "swapped" and partner is not None:
             try:
                 sounds[c] = _fit(_audio_of(partner.row), len(own))
             except InputError as e:
@@ -311,7 +333,7 @@ def _write_variants(
     for c, sound in sounds.items():
         wav = None
         if sound is not None:
-            key = c if c in ("swapped", "muted") else "own"
+            key = "swapped" if c == "swapped" and partner is not None else "muted" if c == "muted" else "own"
             if key not in wavs:
                 wavs[key] = stem.with_name(stem.name + ("" if key == "own" else f"__{key}") + ".wav")
                 written.append(wavs[key])
@@ -346,7 +368,7 @@ def _variant_records(
     out = []
     for c in conditions:
         video, audio = files[c]
-        audio_label = {"swapped": partner.row["audio_label"] if partner else None, "muted": None, "video_only": None}
+        audio_label = {"swapped": partner.row["audio_label"] if partner else heard, "muted": None, "video_only": None}
         visual_label = {"blank_video": None, "audio_only": None}
         a = audio_label.get(c, heard)
         v = visual_label.get(c, seen)
@@ -360,7 +382,7 @@ def _variant_records(
             "visual_label": v,
             "expect_hear": a if a is not None else NOTHING,
             "expect_see": v if v is not None else NOTHING,
-            "original_audio_label": heard if c == "swapped" else None,
+            "original_audio_label": heard if c == "swapped" and partner else None,
             "partner_id": partner.id if c == "swapped" and partner else None,
         }
         out.append(record | extras)

@@ -604,7 +604,7 @@ def write_world(
     seed: int,
     *,
     cfg: WorldConfig = WorldConfig(),
-    swapped_share: float = 0.5,
+    swapped_share: float = 0.0,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
 ) -> Path:
@@ -612,7 +612,9 @@ def write_world(
 
     Each manifest line has ``id``, ``video`` and ``audio`` (paths relative to ``out``), ``audio_label``,
     ``visual_label``, ``condition`` ("congruent" or "swapped") and ``seed`` (for :func:`render_clip`).
-    The same (n, seed, cfg, swapped_share) gives the same files.
+    The same (n, seed, cfg, swapped_share) gives the same files. By default every clip is congruent (its sound
+    and picture of one class): counterfactual variants, swapped clips among them, are what
+    :func:`avlens.data.counterfactual` builds, and it keeps a world's own swapped clips swapped.
 
     Clips are rendered and encoded by ``workers`` processes (default: one per available core); each clip's
     bytes depend only on its own seed, so the files are the same for any number of workers.
