@@ -397,8 +397,7 @@ class QwenAdapter(Adapter):
         unk = self.tokenizer.unk_token_id
         if unk is not None and unk in ids:
             warnings.warn(
-                f"sample {sample.id}: words outside {self.source or self.family}'s vocabulary: "
-                + ", ".join(unknown_words(self.tokenizer, sample.prompt)),
+                oov_message(sample.id, self.source or self.family, unknown_words(self.tokenizer, sample.prompt)),
                 stacklevel=3,
             )
         ids, features, grids = self._expand(ids, media)
@@ -598,17 +597,25 @@ def _as_audio(a: Media) -> np.ndarray:
 
 
 def unknown_words(tokenizer: Any, text: str) -> list[str]:
-    """Words of ``text`` that the tokenizer maps to its unknown token."""
+    """The distinct words of ``text`` that the tokenizer maps to its unknown token, in order of first use."""
     unk = tokenizer.unk_token_id
-    return [w for w in text.split() if unk in tokenizer.encode(w, add_special_tokens=False)]
+    return [w for w in dict.fromkeys(text.split()) if unk in tokenizer.encode(w, add_special_tokens=False)]
+
+
+def oov_message(sample: str | None, model: str, words: list[str], limit: int = 10) -> str:
+    """One line naming the first ``limit`` distinct out-of-vocabulary words and how many more there are (a long
+    prompt must not print every word of it)."""
+    shown = ", ".join(words[:limit]) + (f" and {len(words) - limit} more" if len(words) > limit else "")
+    return f"sample {sample}: {len(words)} word(s) outside {model}'s vocabulary: {shown}"
 
 
 def _not_found(name: str, error: Exception) -> str:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     if Path(name).exists():
-        return f"model '{name}': not a loadable checkpoint directory ({str(error).splitlines()[0]})"
+        return f"model '{name}': not a loadable checkpoint directory ({first})"
     return (
         f"model '{name}' is not a local directory and could not be fetched from the hub "
-        f"(offline, or no such repository): {str(error).splitlines()[0]}"
+        f"(offline, or no such repository): {first}; see `avlens models`, or use `organism` (the bundled model)"
     )
 
 
