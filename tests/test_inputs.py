@@ -9,6 +9,7 @@ from conftest import FAMILIES, av_samples, samples_for
 
 import avlens
 from avlens.errors import InputError, ModelNotFoundError
+from avlens.media import load_audio
 from avlens.models import Clip, Sample
 from avlens.models.tiny import tiny_model
 from avlens.trace import run
@@ -236,3 +237,82 @@ def test_missing_model_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="not a loadable checkpoint"):
         avlens.load(tmp_path / "empty")
+
+
+# -- audio longer than the feature extractor's window ------------------------------------------------------------
+WINDOW = 10  # seconds: the organism's chunk_length
+
+
+@pytest.fixture(scope="module")
+def windowed():
+    """family -> a tiny Omni model whose feature extractor has the organism's 10 s window."""
+    return {f: tiny_model(f, layers=2, hidden=64, seed=1, audio_chunk_seconds=WINDOW) for f in FAMILIES[:2]}
+
+
+@pytest.fixture(scope="module")
+def long_media(tmp_path_factory):
+    import soundfile as sf
+    from conftest import write_av
+
+    d = tmp_path_factory.mktemp("long")
+    rng = np.random.default_rng(0)
+    out = {"clip12": write_av(d / "clip12.mp4", seconds=12.0, fps=4, size=(56, 56), seed=4)}
+    for seconds in (10, 40):
+        out[f"wav{seconds}"] = d / f"speech{seconds}.wav"
+        sf.write(out[f"wav{seconds}"], (0.1 * rng.standard_normal(22050 * seconds)).astype(np.float32), 22050)
+    return out
+
+
+def _reference_audio_tokens(family: str, waveform: np.ndarray) -> int:
+    """Audio tokens as transformers' processor counts them when it keeps the whole audio (Qwen3-Omni's call of
+    the extractor: padding to the longest, no truncation) with that family's length rule."""
+    from transformers import WhisperFeatureExtractor
+    from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths as rule25
+    from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import _get_feat_extract_output_lengths as rule3
+
+    extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=WINDOW)
+    out = extractor([waveform], sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True)
+    frames = torch.as_tensor(out["attention_mask"]).sum(-1)
+    return int(rule25(frames)[0] if family == "qwen2.5-omni" else rule3(frames, 50)[0])
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-omni", "qwen3-omni"])
+def test_audio_longer_than_the_window_reaches_every_chunk(windowed, long_media, family):
+    adapter = windowed[family]
+    inputs = adapter.prepare([Sample("what do you hear?", video=long_media["clip12"])])
+    assert inputs.tensors["use_audio_in_video"] is True
+    used = inputs.media[0]["clips"][0]
+    assert used["audio"]["seconds_used"] == used["audio"]["seconds_total"] == pytest.approx(12.0, abs=0.1)
+    assert used["video"]["seconds"] == pytest.approx(12.0, abs=0.3) and used["video"]["frames"] == 24
+    lay = inputs.layout
+    chunks = [n for n in lay.names if n.startswith("chunk")]
+    assert len(chunks) >= 6
+    with_audio = [c for c in chunks if int(lay.mask(f"{c}&audio").sum()) > 0]
+    if family == "qwen2.5-omni":  # the clip's end keeps its sound (cut at 10 s, the last chunk had none)
+        assert with_audio == chunks
+    else:
+        # The tiny Qwen3 config keeps 25 position ids a second while its audio gives 13 tokens a second, so
+        # only the first half of the 1 s chunks can hold audio, cut or not; the count below is what matters.
+        assert len(with_audio) == 7
+    audio = load_audio(long_media["clip12"])
+    assert int(lay.counts(0)["audio"]) == _reference_audio_tokens(family, audio)
+    assert torch.isfinite(run(adapter, inputs).logits).all()  # the model's own placeholder and rope checks
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-omni", "qwen3-omni"])
+def test_long_wav_is_processed_in_full(windowed, long_media, family):
+    adapter = windowed[family]
+    samples = [Sample("what do you hear?", audio=long_media[k], id=k) for k in ("wav10", "wav40")]
+    inputs = adapter.prepare(samples)
+    n10, n40 = (int(inputs.layout.counts(i)["audio"]) for i in range(2))
+    assert n40 > 3.9 * n10
+    for i, key in enumerate(("wav10", "wav40")):
+        waveform = load_audio(long_media[key])
+        assert int(inputs.layout.counts(i)["audio"]) == _reference_audio_tokens(family, waveform)
+        audio = inputs.media[i]["clips"][0]["audio"]
+        seconds = 10.0 if key == "wav10" else 40.0
+        assert audio["seconds_used"] == audio["seconds_total"] == pytest.approx(seconds, abs=0.01)
+        assert (audio["sampling_rate"], audio["source_rate"], audio["from_video"]) == (16000, 22050, False)
+        assert audio["file"] == str(long_media[key])
+    assert inputs.media[0]["clips"][0]["video"] is None
+    assert torch.isfinite(run(adapter, inputs).logits).all()

@@ -566,10 +566,34 @@ def test_features_equal_whisper_extractor():
 @pytest.mark.parametrize("hop_length", [160, 150])  # 150 does not divide the padded length
 def test_n_frames_equals_mask_sum(hop_length):
     processor = AudioProcessor(chunk_length=1, hop_length=hop_length)
-    lengths = [1, 149, 150, 151, 159, 160, 161, 12345, 15999, 16000, 25000]  # the last one is truncated
+    lengths = [1, 149, 150, 151, 159, 160, 161, 12345, 15999, 16000, 25000, 32000]  # the last two: two windows
     _, mask = processor.features([np.full(n, 0.1, np.float32) for n in lengths])
     assert mask.sum(dim=1).tolist() == [processor.n_frames(n) for n in lengths]
     assert processor.n_frames(16000) == math.ceil(16000 / hop_length) - (16000 % hop_length != 0)
+
+
+def test_audio_longer_than_the_window_is_kept_in_full():
+    rng = np.random.default_rng(0)
+    w40, w10, w12 = (0.1 * rng.standard_normal(16000 * s).astype(np.float32) for s in (40, 10, 12))
+    processor = AudioProcessor(chunk_length=10)
+    features, mask = processor.features([w40, w10, w12])
+    assert features.shape == (3, 128, 4000) and mask.sum(dim=1).tolist() == [4000, 1000, 1200]
+    assert [processor.n_frames(len(w)) for w in (w40, w10, w12)] == [4000, 1000, 1200]
+    reference = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=10)
+
+    def extract(wave, **kwargs):
+        out = reference([wave], sampling_rate=16000, return_attention_mask=True, return_tensors="pt", **kwargs)
+        return out["input_features"][0], out["attention_mask"][0]
+
+    # 40 s: what Qwen3-Omni's processor computes (padding to the longest, no truncation), bit for bit.
+    expected, expected_mask = extract(w40, padding=True, truncation=False)
+    assert torch.equal(features[0], expected) and torch.equal(mask[0], expected_mask.long())
+    # 10 s: exactly the one-window features it always had (Qwen2.5-Omni's call); the rest of the row is padding.
+    expected, _ = extract(w10, padding="max_length", truncation=True)
+    assert torch.equal(features[1, :, :1000], expected) and not mask[1, 1000:].any()
+    # 12 s: two windows' worth of padding, all 12 s valid.
+    expected, _ = extract(w12, padding="max_length", max_length=320000, truncation=False)
+    assert torch.equal(features[2, :, :2000], expected)
 
 
 def test_audio_from_config_and_decoded_file(media):

@@ -86,12 +86,19 @@ class Inputs:
         layout: the token groups of the batch.
         samples: the samples of the batch rows, in order.
         errors: samples that could not be built (one InputError each), left out of the batch.
+        media: the media actually used, one dict per batch row: ``{"id": sample id, "clips": [clip, ...]}``
+            with, per clip, ``"video"``: {file, seconds (decoded length), frames (sampled), fps (sampling
+            rate used), source_fps}, ``"audio"``: {file, from_video, seconds_used, seconds_total,
+            sampling_rate (what the model gets), source_rate (the file's; None for a waveform)} and
+            ``"image"``: {file, height, width}, each None when the clip has no such media. ``file`` is None
+            for in-memory media.
     """
 
     tensors: dict[str, Any]
     layout: TokenLayout
     samples: list[Sample]
     errors: list[InputError] = field(default_factory=list)
+    media: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def input_ids(self) -> torch.Tensor:

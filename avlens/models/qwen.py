@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import InputError, ModelNotFoundError
 from ..layout import SpecialIds, TokenLayout, VideoGrid
-from ..media import AudioProcessor, VideoClip, VisionProcessor, load_audio, load_image, load_video
+from ..media import AudioProcessor, AudioTrack, VideoClip, VisionProcessor, decode_audio, load_image, load_video
 from .base import Adapter, Clip, Embedded, Inputs, Media, Sample
 
 
@@ -73,6 +73,7 @@ class _LoadedClip:
     audio: np.ndarray | None
     image: np.ndarray | None
     audio_from_video: bool
+    used: dict[str, Any]  # what of the media is used (Inputs.media)
 
 
 class QwenAdapter(Adapter):
@@ -340,6 +341,7 @@ class QwenAdapter(Adapter):
         for sample, clips in loaded:
             try:
                 rows.append(self._build_row(sample, clips, opts, interleave))
+                rows[-1]["media"] = {"id": sample.id, "clips": [c.used for c in clips]}
                 kept.append(sample)
             except InputError as e:
                 errors.append(e.for_sample(sample.id))
@@ -355,18 +357,20 @@ class QwenAdapter(Adapter):
         video = None
         if clip.video is not None:
             video = _as_video(clip.video, opts)
-        audio, from_video = None, False
+        track, from_video = None, False
         if self.has_audio:
+            rate = self.audio.sampling_rate
             if clip.audio is not None:
-                audio = _as_audio(clip.audio)
+                track = _as_audio(clip.audio, rate)
             elif clip.video is not None and clip.video_audio:
                 if not isinstance(clip.video, str | Path):
                     raise InputError("in-memory frames carry no audio track: pass audio= or video_audio=False")
-                audio, from_video = load_audio(clip.video), True
+                track, from_video = decode_audio(clip.video, sampling_rate=rate), True
         image = None
         if clip.image is not None:
             image = clip.image if isinstance(clip.image, np.ndarray) else load_image(clip.image)
-        return _LoadedClip(video, audio, image, from_video)
+        used = _clip_used(clip, video, track, from_video, image)
+        return _LoadedClip(video, None if track is None else track.samples, image, from_video, used)
 
     def _build_row(self, sample: Sample, clips: list[_LoadedClip], opts: PrepareOptions, interleave: bool) -> dict:
         content: list[dict] = []
@@ -502,7 +506,8 @@ class QwenAdapter(Adapter):
             interleaved=[r["grids"] for r in rows],
             chunk_rule=self._chunk_rule,
         )
-        return Inputs(tensors=tensors, layout=layout, samples=samples, errors=errors)
+        media = [r["media"] for r in rows if "media" in r]
+        return Inputs(tensors=tensors, layout=layout, samples=samples, errors=errors, media=media)
 
     # -- the decoder's inputs ---------------------------------------------------------------------------------
     def model_inputs(self, inputs: Inputs) -> dict[str, Any]:
@@ -588,12 +593,52 @@ def _as_video(v: Media, opts: PrepareOptions) -> VideoClip:
     return load_video(v, fps=opts.fps, max_frames=opts.max_frames)
 
 
-def _as_audio(a: Media) -> np.ndarray:
+def _as_audio(a: Media, rate: int) -> AudioTrack:
     if isinstance(a, np.ndarray):
         if a.ndim != 1 or a.size == 0:
             raise InputError(f"a waveform must be a non-empty 1-D array, got shape {a.shape}")
-        return a.astype(np.float32)
-    return load_audio(a)
+        return AudioTrack(a.astype(np.float32), rate, None)
+    return decode_audio(a, sampling_rate=rate)
+
+
+def _clip_used(
+    clip: Clip, video: VideoClip | None, track: AudioTrack | None, from_video: bool, image: np.ndarray | None
+) -> dict[str, Any]:
+    """What of a clip's media the model gets (one entry of ``Inputs.media[row]["clips"]``)."""
+    image_used = (
+        None if image is None else {"file": _file(clip.image), "height": image.shape[0], "width": image.shape[1]}
+    )
+    return {
+        "video": None if video is None else _video_used(clip.video, video),
+        "audio": None if track is None else _audio_used(clip.video if from_video else clip.audio, track, from_video),
+        "image": image_used,
+    }
+
+
+def _file(media: Any) -> str | None:
+    return str(media) if isinstance(media, str | Path) else None
+
+
+def _video_used(source: Media, clip: VideoClip) -> dict[str, Any]:
+    return {
+        "file": _file(source),
+        "seconds": float(clip.duration),
+        "frames": len(clip.frames),
+        "fps": float(clip.fps),
+        "source_fps": float(clip.source_fps),
+    }
+
+
+def _audio_used(source: Media, track: AudioTrack, from_video: bool) -> dict[str, Any]:
+    # The whole track is used: the audio processor keeps audio longer than its window (media/audio.py).
+    return {
+        "file": _file(source),
+        "from_video": from_video,
+        "seconds_used": track.seconds,
+        "seconds_total": track.seconds,
+        "sampling_rate": track.sampling_rate,
+        "source_rate": track.source_rate,
+    }
 
 
 def unknown_words(tokenizer: Any, text: str) -> list[str]:
