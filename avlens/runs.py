@@ -41,6 +41,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
@@ -70,7 +71,7 @@ def config_hash(config: dict) -> str:
 
 
 def _canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
+    return json.dumps(json_safe(obj), sort_keys=True, default=str, allow_nan=False)
 
 
 def _versions() -> dict[str, str | None]:
@@ -97,9 +98,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back: there is no other portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mkstemp(prefix: str, directory: Path) -> tuple[int, str]:
+    """``tempfile.mkstemp``, but the file gets the mode any new file gets (0666 less the umask), not 0600:
+    the temporary file becomes the result file, and results are shared like any other file a tool writes."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def _mkdtemp(prefix: str, directory: Path) -> Path:
+    """``tempfile.mkdtemp`` with the mode of any new directory (0777 less the umask), not 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def _atomic_write_bytes(path: Path, write) -> None:
     """Write ``path`` through ``write(file)`` into a temp file beside it, fsync, then ``os.replace`` it in."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
+    fd, tmp = _mkstemp(f"{TMP_PREFIX}{path.name}-", path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -112,8 +135,25 @@ def _atomic_write_bytes(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float as None (JSON's null), so that strict parsers can read it.
+
+    Mappings, lists and tuples are walked; numpy scalars (anything with ``item()``) become Python values;
+    other values are kept (json.dumps turns those it cannot hold into their ``str``).
+    """
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if not isinstance(obj, str | bytes | int | float) and hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
     _atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
@@ -154,6 +194,25 @@ def _records_to_arrow(table: str, records: list[dict]) -> pa.Table:
         raise ValueError(f"table {table!r}: cannot store the records as Parquet: {e}") from e
 
 
+def data_change(old: dict, new: dict) -> str | None:
+    """What differs between two data contents (see :meth:`RunDir.bind_data`), in words; None if nothing."""
+    if old.get("sha256") == new.get("sha256"):
+        return None
+    rows_old, rows_new = old.get("rows", {}), new.get("rows", {})
+    added = len(rows_new.keys() - rows_old.keys())
+    removed = len(rows_old.keys() - rows_new.keys())
+    changed = sum(rows_old[k] != rows_new[k] for k in rows_old.keys() & rows_new.keys())
+    if added or removed or changed:
+        parts = [f"{n} {what}" for n, what in ((added, "added"), (removed, "removed"), (changed, "changed")) if n]
+        return f"the manifest's rows differ from the run's ({', '.join(parts)})"
+    media_old, media_new = old.get("media", {}), new.get("media", {})
+    moved = sorted(k for k in media_old.keys() | media_new.keys() if media_old.get(k) != media_new.get(k))
+    if moved:
+        more = f" (and {len(moved) - 1} more)" if len(moved) > 1 else ""
+        return f"media file {moved[0]} changed since the run started{more}"
+    return "the data differs from the run's"
+
+
 class RunDir:
     """A run directory, opened to write with :meth:`open` or to read with :meth:`load` (not the constructor).
 
@@ -175,7 +234,9 @@ class RunDir:
     # -- opening -------------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, config: dict, *, meta: dict | None = None) -> RunDir:
+    def open(
+        cls, path: str | os.PathLike, config: dict, *, meta: dict | None = None, data: dict | None = None
+    ) -> RunDir:
         """Start a run in ``path``, or resume the run there if it has the same config.
 
         Args:
@@ -184,6 +245,8 @@ class RunDir:
             meta: provenance such as model hashes and the seed, stored in run.json. On resume, a meta that
                 differs from the stored one in a key both have is refused like a changed config, since a
                 different model or seed would mix two experiments' records in one directory.
+            data: what the data holds (``avlens.data.manifest.manifest_content``: a digest, rows and media);
+                see :meth:`bind_data`, which this calls.
 
         Raises:
             AvlensError: the directory holds a run of another config (or meta), is not a run directory, or
@@ -195,6 +258,8 @@ class RunDir:
         try:
             info = cls._start_or_resume(path, config, meta)
             run = cls(path, info, lock_fd)
+            if data is not None:
+                run.bind_data(data)
             run._clean_temporaries()
         except BaseException:
             os.close(lock_fd)
@@ -255,6 +320,28 @@ class RunDir:
         info["resumes"].append({"time": _now(), "versions": versions})
         _atomic_write_json(info_path, info)
         return info
+
+    def bind_data(self, data: dict) -> None:
+        """Record what the run's data holds, or, on resume, refuse data whose content changed.
+
+        The run's identity is the content of its manifest, not the path it was given by: the same rows by
+        another path resume, while changed rows or media files would mix two datasets' records in one
+        directory and are refused with one line saying what changed.
+
+        Args:
+            data: ``{"sha256": digest, "rows": {id: row digest}, "media": {path: identity}}``.
+
+        Raises:
+            AvlensError: the stored data differs.
+        """
+        stored = self.info.get("data")
+        if stored is None:
+            self.info["data"] = data
+            _atomic_write_json(self.path / "run.json", self.info)
+            return
+        change = data_change(stored, data)
+        if change is not None:
+            raise AvlensError(f"{self.path}: {change}. Use another --out, or delete the directory to start again.")
 
     def _clean_temporaries(self) -> None:
         """Delete what a killed run left half-written: it is never read, and would pile up otherwise."""
@@ -331,7 +418,7 @@ class RunDir:
                 self._check_columns(table, arrow[table])
 
         units.mkdir(exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key}-", dir=units))
+        tmp = _mkdtemp(f"{TMP_PREFIX}{key}-", units)
         try:
             for table, data in arrow.items():
                 with open(tmp / f"{table}.parquet", "wb") as f:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -266,3 +268,70 @@ def test_write_json_is_atomic_and_readable(tmp_path):
         with pytest.raises(ValueError):
             run.write_json("run.json", {})
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files follow the umask; run.json is strict JSON; the data's identity is its content
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_result_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        with RunDir.open(tmp_path / "run", {"a": 1}) as run:
+            run.write_many("u/0", {"logits": [{"x": 1.0}]})
+            run.consolidate()
+            run.write_json("summary", {"x": 1})
+    finally:
+        os.umask(old)
+    root = tmp_path / "run"
+    files = [root / "run.json", root / "summary.json", root / "results" / "logits.parquet"]
+    files += list((root / "units").glob("*/*.parquet"))
+    dirs = list((root / "units").iterdir())
+    assert len(files) == 4 and len(dirs) == 1
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == file_mode, p
+    for p in dirs:
+        assert stat.S_IMODE(p.stat().st_mode) == dir_mode, p
+
+
+def _strict(text: str):
+    def refuse(constant: str):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_run_json_holds_null_for_missing_values(tmp_path):
+    config = {"threshold": float("nan"), "range": [1.0, float("inf")], "nested": {"x": float("-inf")}}
+    with RunDir.open(tmp_path / "run", config, meta={"score": float("nan")}) as run:
+        run.write_json("other", {"v": float("nan")})
+    info = _strict((tmp_path / "run" / "run.json").read_text())
+    assert info["config"] == {"threshold": None, "range": [1.0, None], "nested": {"x": None}}
+    assert info["meta"] == {"score": None}
+    assert _strict((tmp_path / "run" / "other.json").read_text()) == {"v": None}
+    with RunDir.open(tmp_path / "run", config):  # the same config with NaN resumes
+        pass
+
+
+def _content(rows: dict[str, str], media: dict[str, list[int] | None] | None = None) -> dict:
+    digest = hashlib.sha256(json.dumps([rows, media], sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "rows": rows, "media": media or {}}
+
+
+def test_changed_data_is_refused_saying_what_changed(tmp_path):
+    rows = {"a": "1", "b": "2", "c": "3"}
+    with RunDir.open(tmp_path / "run", {"x": 1}, data=_content(rows)) as run:
+        assert run.info["data"]["rows"] == rows
+    with RunDir.open(tmp_path / "run", {"x": 1}, data=_content(dict(rows))):
+        pass  # the same content resumes
+    more = {"a": "1", "b": "9", "d": "4", "e": "5", "f": "6"}
+    with pytest.raises(
+        AvlensError, match=r"the manifest's rows differ from the run's \(3 added, 1 removed, 1 changed\)"
+    ):
+        RunDir.open(tmp_path / "run", {"x": 1}, data=_content(more))
+    with pytest.raises(AvlensError, match=r"media file /m/a.mp4 changed since the run started"):
+        RunDir.open(tmp_path / "run", {"x": 1}, data=_content(rows, {"/m/a.mp4": [10, 1]}))
+    run = RunDir.open(tmp_path / "run", {"x": 1})  # bound later (data built once the directory is open)
+    with pytest.raises(AvlensError, match="1 removed"):
+        run.bind_data(_content({"a": "1", "b": "2"}))
+    run.close()
