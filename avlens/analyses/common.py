@@ -46,9 +46,11 @@ class Item:
     expected: str | None
 
     def record(self, **fields: Any) -> dict[str, Any]:
-        """A record about this item: its id, condition, question and labels, then ``fields``."""
+        """A record about this item: its id, the manifest row (``clip``), condition, question and labels, then
+        ``fields``."""
         return {
             "id": self.id,
+            "clip": self.id.rpartition("/")[0] or self.id,  # the id is "<row id>/<question kind>"
             "condition": self.condition,
             "question": self.kind,
             "audio_label": self.audio_label,
