@@ -216,11 +216,11 @@ def test_a_different_model_or_a_deaf_base_shifts(model, other):
     deaf, _ = shift(model, model, sees_audio=False)
     assert deaf.kl.mean() > 1e-4
     summary = token_shift.summarize({"tokens": tokens})
-    assert summary.shifted_share + summary.marginal_share + summary.unshifted_share == pytest.approx(1)
+    assert summary.shifted_share + summary.marginal_share + summary.unshifted_share == pytest.approx(1, abs=2e-3)
     findings = token_shift.findings({"a": summary, "b": token_shift.summarize({"tokens": deaf})})
     assert all(isinstance(f, Finding) for f in findings)
     fig = token_shift.plot({"a": {"tokens": tokens}, "b": {"tokens": deaf}})
-    assert len(fig.axes) == 2
+    assert len(fig.axes) == 3  # shift shares, KL by position, mean KL over content tokens
 
 
 def test_base_sample_drops_every_audio(model):

@@ -207,8 +207,10 @@ def test_lens_summary_counts_latent_audio():
                         }
                     )
     s = logit_lens.summarize({"lens": pd.DataFrame(rows)})
-    assert s.latent_audio_understanding == 0.25
-    assert s.latent_audio_given_follows_vision == 0.5
+    assert s.audio_decoded_swapped == 0.5 and s.control_decoded_swapped == 0.0 and s.n_swapped == 4
+    assert s.audio_decoded_while_answer_follows_vision == 0.25
+    assert s.audio_decoded_given_follows_vision == 0.5 and s.n_follows_vision == 2
+    assert logit_lens.SPEC.headline == "audio_decoded_swapped"
     assert s.conditions["swapped"].audio_decoded == 0.5 and s.conditions["swapped"].control_decoded == 0.0
     assert s.conditions["swapped"].audio_decoded_at["last"] == 0.0
     assert s.conditions["swapped"].best_layer["audio"] == 1 and s.conditions["swapped"].best_layer_share["audio"] == 0.5

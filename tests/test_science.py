@@ -4,9 +4,10 @@ KL verdict and missing figures as null with n = 0."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
-from avlens.analyses import counterfactual, knockout
+from avlens.analyses import counterfactual, knockout, probe, token_shift
 from avlens.analyses.common import Item, follows
 from avlens.data import counterfactual as build_counterfactual
 from avlens.data import read_manifest
@@ -114,3 +115,75 @@ def test_a_world_is_congruent_by_default(tmp_path):
     cfg = WorldConfig(duration=0.5, height=32, width=48, fps=8)
     source = read_manifest(write_world(tmp_path, 4, seed=1, cfg=cfg, workers=1))
     assert set(source.condition) == {"congruent"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 12: the probe says what it dropped and shows n
+# ---------------------------------------------------------------------------------------------------------
+def probe_features(counts: dict[str, int], layers: int = 2) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    labels = [label for label, n in counts.items() for _ in range(n)]
+    for i, label in enumerate(labels):
+        for layer in range(layers):
+            rows.append(
+                {
+                    "id": f"{i:03d}/hear",
+                    "question": "hear",
+                    "condition": "swapped",
+                    "site": "audio",
+                    "layer": layer,
+                    "audio_label": label,
+                    "visual_label": None,
+                    "vector": rng.normal(size=8).astype(np.float32),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_probe_reports_what_it_dropped_and_why():
+    config = probe.Config(folds=4)
+    # one class with enough clips, two with fewer than the folds: no probe can be fitted, and it says so
+    tables = probe.finalize({"features": probe_features({"dog": 6, "cat": 3, "bell": 2})}, config)
+    assert tables["probes"].empty
+    skipped = tables["skipped"]
+    assert len(skipped) == 1 and skipped.iloc[0].n == 11 and skipped.iloc[0].dropped == "bell (2), cat (3)"
+    s = probe.summarize(tables)
+    assert s.swapped_last_audio_accuracy is None and s.swapped_last_audio_n == 0
+    why = s.skipped["hear/swapped/audio/audio_label"]
+    assert "kept dog (6)" in why and "bell (2), cat (3)" in why and "n = 11" in why
+    assert "bell (2), cat (3)" in probe.findings({"m": s})[0].measured
+    # two classes kept: fitted, with n and what was dropped in the summary and the finding
+    tables = probe.finalize({"features": probe_features({"dog": 6, "cat": 5, "bell": 2})}, config)
+    s = probe.summarize(tables)
+    p = s.slices["hear/swapped/audio/audio_label"]
+    assert (p.n, p.n_classes, p.dropped) == (11, 2, "bell (2)")
+    assert "n = 11" in probe.findings({"m": s})[0].measured and "bell (2)" in probe.findings({"m": s})[0].measured
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 13: the KL verdict is not driven by the answer template's fixed words
+# ---------------------------------------------------------------------------------------------------------
+def test_kl_verdict_rests_on_content_tokens_and_template_tokens_are_marked():
+    rows = []
+    words = ["i", "see", "X", "and", "hear", "Y"]
+    for i in range(20):
+        for pos, w in enumerate(words):
+            content = w in ("X", "Y")
+            token_id = 100 + i % 5 if content else pos  # content words vary between answers, template words do not
+            kl = 0.2 if content else (10.0 if w in ("and", "hear") else 0.01)
+            rows.append(
+                {"id": f"{i}/describe", "condition": "factual", "position": pos, "token_id": token_id, "token": w,
+                 "rank": 1, "shift": "unshifted", "kl": kl, "audio_word": w == "Y"}
+            )  # fmt: skip
+    tables = token_shift.finalize({"tokens": pd.DataFrame(rows)}, token_shift.Config())
+    assert tables["tokens"].template.sum() == 20 * 4
+    pos = tables["positions"].set_index("position")
+    assert list(pos.template) == [True, True, False, True, True, False] and pos.loc[3, "kl_median"] == 10.0
+    s = token_shift.summarize(tables)
+    assert s.mean_kl > 3 and s.median_kl == 0.2  # the mean is the template's
+    assert s.content_mean_kl == 0.2 and s.n_content_tokens == 40 and s.n_template_tokens == 80
+    assert s.template_tokens == {0: "i", 1: "see", 3: "and", 4: "hear"}
+    assert s.median_kl_by_position[3] == 10.0
+    kl = token_shift.findings({"m": s})[1]
+    assert kl.verdict == "agrees" and "'and'" in kl.measured and "median" in kl.measured

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -18,6 +17,7 @@ from ..models.base import Adapter
 from ..trace import Capture, generate, run
 from .base import Analysis, Finding, num, pct, verdict
 from .common import Item, batches
+from .plotting import layer_axis, legend_outside
 
 NAME = "attention_share"
 KEYS = ("audio", "video", "question")
@@ -81,19 +81,18 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
 
 
 def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
-    fig = Figure(figsize=(5 * len(tables), 3.4), layout="constrained")
+    fig = Figure(figsize=(5 * len(tables), 3.8), layout="constrained")
     axes = fig.subplots(1, len(tables), squeeze=False)[0]
     colors = {"audio": "#1b9e77", "video": "#d95f02", "question": "#7570b3", "other": "#999999"}
     for ax, (model, t) in zip(axes, tables.items(), strict=True):
         p = profile(t["shares"])
         for key in ("audio", "video", "question", "other"):
             ax.plot(p.index, p[key], marker="o", color=colors[key], label=key)
-        ax.set_xlabel("layer")
+        layer_axis(ax, "layer")
         ax.set_ylabel("share of the last position's attention")
         ax.set_ylim(0, 1)
-        ax.set_xticks(np.asarray(p.index))
         ax.set_title(model)
-        ax.legend(fontsize=8)
+    legend_outside(fig, axes, title="key tokens")
     fig.suptitle("Where the answer position attends, by layer")
     return fig
 

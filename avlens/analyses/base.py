@@ -82,6 +82,9 @@ class Analysis:
         findings: ``({model: Summary}) -> [Finding]``, the comparison with the paper.
         plot: ``({model: {table: DataFrame}}) -> Figure``.
         finalize: ``({table: DataFrame}, config) -> {table: DataFrame}``, work that needs every unit (optional).
+        tables: ``({model: Summary}) -> [DataFrame]``, the report's tables of the summaries: named rows and
+            columns, one precision, n beside every rate, ``df.attrs["caption"]`` as caption (optional; the report
+            otherwise lists the summary's fields).
         needs: see :class:`Needs`.
         paper: the paper the claim is from ("P1": arXiv 2604.02605).
         about: a paragraph for the report (default: the collect function's module docstring).
@@ -98,6 +101,7 @@ class Analysis:
     findings: Callable[[dict[str, Any]], list[Finding]]
     plot: Callable[[dict[str, dict[str, Any]]], Any]
     finalize: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None
+    tables: Callable[[dict[str, Any]], list[Any]] | None = None
     default_config: Any = None
     needs: Needs = field(default_factory=Needs)
     paper: str = "P1"

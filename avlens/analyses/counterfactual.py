@@ -17,6 +17,7 @@ from ..models.base import Adapter
 from ..trace import generate
 from .base import Analysis, Finding, Needs, num, pct
 from .common import Item, Scorer, batches, follows, label_match, words
+from .plotting import legend_outside
 
 NAME = "counterfactual"
 
@@ -112,34 +113,42 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
 
 
 def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
-    """Accuracy by condition for hear and see questions, one panel per model; and what swapped answers follow."""
-    fig = Figure(figsize=(5 * len(tables) + 3, 3.6), layout="constrained")
+    """Accuracy by condition for each question, one panel per model; and what swapped answers follow."""
+    fig = Figure(figsize=(5 * len(tables) + 3, 4.2), layout="constrained")
     axes = fig.subplots(1, len(tables) + 1, squeeze=False)[0]
     order = ["factual", "swapped", "muted", "blank_video", "audio_only", "video_only"]
     for ax, (model, t) in zip(axes, tables.items(), strict=False):
         acc = accuracy(t["answers"]).reindex([c for c in order if c in set(t["answers"].condition)])
         x = np.arange(len(acc))
+        width = 0.8 / max(1, len(acc.columns))
         for j, q in enumerate(acc.columns):
-            ax.bar(x + 0.4 * j - 0.2, acc[q].values, width=0.4, label=f"'{q}' questions")
+            ax.bar(x + width * (j - (len(acc.columns) - 1) / 2), acc[q].values, width=width, label=f"'{q}' questions")
         ax.set_xticks(x, acc.index, rotation=30, ha="right")
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{model}: accuracy")
-        ax.legend(fontsize=8)
+        ax.set_title(f"{model}: accuracy", fontsize=10)
+        ax.set_xlabel("clip condition")
+        ax.set_ylabel("share of right answers")
     ax = axes[-1]
     names = list(tables)
-    shares = []
+    kinds = (("audio", "audio only", "#1b9e77"), ("both", "both", "#7570b3"))
+    kinds += (("visual", "vision only", "#d95f02"), ("neither", "neither", "#999999"))
+    shares, counts = [], []
     for m in names:
         a = tables[m]["answers"]
         sw = a[(a.condition == "swapped") & (a.question == "hear")]
-        shares.append([(sw.follows == f).mean() if len(sw) else np.nan for f in ("audio", "visual", "neither")])
-    shares = np.array(shares)
+        shares.append([(sw.follows == f).mean() if len(sw) else np.nan for f, _, _ in kinds])
+        counts.append(len(sw))
+    shares = np.array(shares, dtype=float).reshape(len(names), len(kinds))
     bottom = np.zeros(len(names))
-    for j, (lab, col) in enumerate(zip(("audio", "vision", "neither"), ("#1b9e77", "#d95f02", "#999999"), strict=True)):
-        ax.bar(names, shares[:, j], bottom=bottom, color=col, label=f"follows {lab}")
+    labels = [f"{m}\n(n={n})" for m, n in zip(names, counts, strict=True)]
+    for j, (_, lab, col) in enumerate(kinds):
+        ax.bar(labels, np.nan_to_num(shares[:, j]), bottom=bottom, color=col, label=f"follows {lab}")
         bottom += np.nan_to_num(shares[:, j])
     ax.set_ylim(0, 1.05)
-    ax.set_title("swapped clips, 'what do you hear?'")
-    ax.legend(fontsize=8)
+    ax.set_title("swapped clips, 'what do you hear?'", fontsize=10)
+    ax.set_xlabel("model")
+    ax.set_ylabel("share of answers")
+    legend_outside(fig, axes)
     fig.suptitle("Counterfactual evaluation")
     return fig
 
@@ -165,6 +174,36 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
     ]
 
 
+def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
+    """The report's tables: accuracy by question and clip condition, with n, per model; what the swapped clips'
+    hearing answers name, with n."""
+    rows = {}
+    for model, s in summaries.items():
+        for q, by in s.accuracy.items():
+            for cond, acc in by.items():
+                rows.setdefault((q, cond), {})[(model, "accuracy")] = acc
+                rows[(q, cond)][(model, "n")] = s.n.get(q, {}).get(cond, 0)
+    acc = pd.DataFrame.from_dict(rows, orient="index").astype(object)
+    acc.index.names = ["question", "clip condition"]
+    acc.columns = pd.MultiIndex.from_tuples(acc.columns)
+    acc.attrs["caption"] = "Share of right answers (n: answers scored)"
+    follows = pd.DataFrame(
+        {
+            model: {
+                "names the visual label only": s.follows_vision_rate,
+                "names the audio label only": s.follows_audio_rate,
+                "names both": s.follows_both_rate,
+                "n (swapped clips, 'hear')": s.n_swapped_hear,
+            }
+            for model, s in summaries.items()
+        },
+        dtype=object,
+    )
+    follows.index.name = "swapped clips: the answer"
+    follows.attrs["caption"] = "What the hearing answers on swapped clips name (share of answers)"
+    return [acc, follows]
+
+
 CLAIM = "When sound and sight disagree, the answer about the sound follows the picture"
 
 SPEC = Analysis(
@@ -178,6 +217,7 @@ SPEC = Analysis(
     summarize=summarize,
     findings=findings,
     plot=plot,
+    tables=tables,
     default_config=Config(questions={"hear": "What do you hear?", "see": "What do you see?"}, max_new_tokens=4),
     needs=Needs(generation=True),
     about=__doc__,

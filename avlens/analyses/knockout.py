@@ -20,12 +20,12 @@ from dataclasses import dataclass, field, fields
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from ..models.base import Adapter
 from ..trace import Knockout, run_conditions
 from .base import Analysis, Finding, num, verdict
 from .common import Item, batches, first_token
+from .plotting import layer_axis, legend_outside
 
 NAME = "knockout"
 ANSWER = "answer"
@@ -238,7 +238,8 @@ class Summary:
 
     ``late_video_dp_correct``: P3's mean dp of the expected answer, on items answered correctly, when
     answer -> video is blocked in the last window; ``max_abs_video_dp_correct``: the largest over windows.
-    ``n_layers``, ``window``: the sweep.
+    ``n_layers``, ``window``: the sweep; ``n_factual``, ``n_swapped``: items of each condition (0: none, and
+    their figures None).
     """
 
     factual_follows_audio_base: float | None = None
@@ -263,9 +264,11 @@ class Summary:
     max_abs_video_dp_correct: float | None = None
     n_layers: int | None = None
     window: int | None = None
+    n_factual: int = 0
+    n_swapped: int = 0
 
 
-_INTS = {f.name for f in fields(Summary) if f.type == "int | None"}
+_INTS = {f.name for f in fields(Summary) if f.type in ("int | None", "int")}
 
 
 def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
@@ -292,6 +295,7 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
 
     for cond in ("factual", "swapped"):
         base = _baseline(ko, cond)
+        out[f"n_{cond}"] = len(base)
         if base.empty:
             continue
         out[f"{cond}_follows_audio_base"] = float(base.follows_base.isin(NAMES_AUDIO).mean())
@@ -316,7 +320,7 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
         out["max_abs_video_dp_correct"] = float(by_window.abs().max())
     out["n_layers"] = float(n_layers)
     out["window"] = float(ko.window_end.iloc[0] - ko.window_start.iloc[0])
-    figures = {k: num(v) for k, v in out.items()}
+    figures = {k: num(v, 3) for k, v in out.items()}
     return Summary(**{k: int(v) if k in _INTS and v is not None else v for k, v in figures.items()})
 
 
@@ -327,7 +331,7 @@ def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
     """Mean change of p(audio label) and p(visual label) by window start, one line per edge; a row per model,
     a column per clip condition and quantity."""
     panels = [(c, q) for c in ("factual", "swapped") for q in ("delta_audio", "delta_visual")]
-    fig = Figure(figsize=(3.6 * len(panels), 2.9 * len(tables) + 0.6), layout="constrained")
+    fig = Figure(figsize=(3.6 * len(panels), 2.9 * len(tables) + 1.0), layout="constrained")
     axes = fig.subplots(len(tables), len(panels), squeeze=False, sharey="row")
     for r, (model, t) in enumerate(tables.items()):
         ko = t["knockout"]
@@ -341,13 +345,9 @@ def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
                     ax.plot(g.index, g[col], marker="o", ms=3, label=edge)
             what = "p(audio label)" if col == "delta_audio" else "p(visual label)"
             ax.set_title(f"{model}: {cond}, Δ {what}", fontsize=9)
-            ax.set_xlabel("window start (layer)")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if c == 0:
-                ax.set_ylabel("mean change vs baseline")
-        labelled = [ax for ax in axes[r] if ax.get_legend_handles_labels()[0]]
-        if labelled:
-            labelled[0].legend(fontsize=7)
+            layer_axis(ax, "window start (layer)")
+            ax.set_ylabel("mean change vs baseline")
+    legend_outside(fig, axes.flat, title="blocked attention (query -> key)", ncols=6)
     fig.suptitle("Sliding-window attention knockout")
     return fig
 
@@ -431,6 +431,32 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
     return [restore, lower, factual, sink]
 
 
+def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
+    """The report's table: each figure for factual and swapped clips (columns), per model, with n."""
+    names = {
+        "follows_audio_base": "answers name the sound, no knockout",
+        "follows_audio_after_video_knockout": "answers name the sound, answer -> video blocked (best deep window)",
+        "best_video_window_start": "that window's first layer",
+        "follows_audio_deepest_video_window": "answers name the sound, answer -> video blocked (deepest window)",
+        "accuracy_base": "accuracy, no knockout",
+        "accuracy_after_video_knockout": "accuracy, answer -> video blocked (best deep window)",
+        "delta_audio_video_knockout_deep": "mean Δp(audio label), answer -> video blocked (deep windows)",
+        "delta_audio_audio_knockout_min": "largest drop of p(audio label), answer -> audio blocked",
+        "max_abs_delta_audio": "largest |Δp(audio label)| of any knockout",
+    }
+    rows: dict[str, dict] = {}
+    for model, s in summaries.items():
+        for cond in ("factual", "swapped"):
+            for key, name in names.items():
+                rows.setdefault(name, {})[(model, cond)] = getattr(s, f"{cond}_{key}")
+            rows.setdefault("n (items)", {})[(model, cond)] = getattr(s, f"n_{cond}")
+    out = pd.DataFrame.from_dict(rows, orient="index").astype(object)
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    out.index.name = "figure (shares of items; Δ: change of probability)"
+    out.attrs["caption"] = "Attention knockout by clip condition"
+    return [out]
+
+
 SPEC = Analysis(
     name=NAME,
     title="Attention knockout: does blocking vision bring the audio answer back?",
@@ -442,6 +468,7 @@ SPEC = Analysis(
     summarize=summarize,
     findings=findings,
     plot=plot,
+    tables=tables,
     default_config=Config(questions={"hear": "What do you hear?"}, conditions=("factual", "swapped"), window=2),
     paper="P1",
     about=__doc__,

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from ..models.base import Adapter
 from ..trace import Capture, run
-from .base import Analysis, Finding, num, verdict
+from .base import Analysis, Finding, num, pct, verdict
 from .common import Item, batches, first_token, follows
+from .plotting import layer_axis, legend_outside, rank_axis
 
 NAME = "logit_lens"
 SITES = ("audio", "last")
@@ -180,18 +180,25 @@ class LensCondition:
 class Summary:
     """Attributes:
     conditions: clip condition -> :class:`LensCondition` (conditions where something is heard).
-    latent_audio_understanding: share of swapped items whose audio label is decoded at some layer while the
-        answer follows the picture; latent_audio_given_follows_vision: the same among those that follow it.
+    audio_decoded_swapped: the headline, P1's latent audio understanding: the share of swapped items whose audio
+        label reaches the top k at some layer (either site); control_decoded_swapped: the same for the control
+        label (the chance floor).
+    audio_decoded_while_answer_follows_vision: the share of swapped items whose audio label is decoded and whose
+        answer follows the picture; audio_decoded_given_follows_vision: the share decoded among the items whose
+        answer follows the picture (n_follows_vision of them).
     follows_vision_rate / follows_audio_rate: what the swapped answers follow; n_swapped: how many there are.
-    (The last five are None without swapped clips.)
+    (Figures are None without swapped clips, with n = 0.)
     """
 
     conditions: dict[str, LensCondition]
-    latent_audio_understanding: float | None = None
-    latent_audio_given_follows_vision: float | None = None
+    audio_decoded_swapped: float | None = None
+    control_decoded_swapped: float | None = None
+    audio_decoded_while_answer_follows_vision: float | None = None
+    audio_decoded_given_follows_vision: float | None = None
     follows_vision_rate: float | None = None
     follows_audio_rate: float | None = None
-    n_swapped: int | None = None
+    n_swapped: int = 0
+    n_follows_vision: int = 0
 
 
 def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
@@ -217,13 +224,17 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
     answer = swapped.groupby("id").follows.first()
     decoded = ever_decoded(swapped).reindex(answer.index, fill_value=False)
     vision = answer == "visual"
+    control = ever_decoded(swapped, "control").reindex(answer.index, fill_value=False)
     return Summary(
         conditions,
-        latent_audio_understanding=num((decoded & vision).mean(), 3),
-        latent_audio_given_follows_vision=num(decoded[vision].mean(), 3) if vision.any() else None,
+        audio_decoded_swapped=num(decoded.mean(), 3),
+        control_decoded_swapped=num(control.mean(), 3),
+        audio_decoded_while_answer_follows_vision=num((decoded & vision).mean(), 3),
+        audio_decoded_given_follows_vision=num(decoded[vision].mean(), 3) if vision.any() else None,
         follows_vision_rate=num(vision.mean(), 3),
         follows_audio_rate=num((answer == "audio").mean(), 3),
         n_swapped=len(answer),
+        n_follows_vision=int(vision.sum()),
     )
 
 
@@ -235,10 +246,16 @@ def profile(lens: pd.DataFrame) -> pd.DataFrame:
 
 def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
     """Median rank (log scale) and mean probability of the audio, visual and control labels vs layer; one column
-    per site, two rows (rank, probability) per model; factual solid, swapped dashed."""
-    fig = Figure(figsize=(4.5 * len(SITES), 2.8 * 2 * len(tables)), layout="constrained")
+    per site, two rows (rank, probability) per model; factual solid, swapped dashed; each label its own colour
+    and marker (on factual clips the audio and visual labels coincide: the visual's wide line and open squares
+    frame the audio's)."""
+    fig = Figure(figsize=(4.5 * len(SITES), 2.8 * 2 * len(tables) + 0.6), layout="constrained")
     axes = fig.subplots(2 * len(tables), len(SITES), squeeze=False)
     colors = {"audio": "#1b9e77", "visual": "#d95f02", "control": "#999999"}
+    # the visual label wide with open squares, the audio label thin with dots on top: where they coincide (factual
+    # clips: one label) both stay visible
+    markers = {"audio": dict(marker="o", ms=3, lw=1.2), "visual": dict(marker="s", ms=8, mfc="none", mew=1.2, lw=3.5)}
+    markers["control"] = dict(marker="^", ms=4, lw=1.2)
     styles = {"factual": "-", "swapped": "--"}
     for m, (model, t) in enumerate(tables.items()):
         p = profile(t["lens"])
@@ -246,39 +263,42 @@ def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
             for row, (stat, ylabel) in enumerate((("median_rank", "median rank"), ("mean_prob", "mean probability"))):
                 ax = axes[2 * m + row, col]
                 at = p[p.site == site]
-                for target in ("control", "visual", "audio"):  # audio on top: on factual clips visual = audio
+                for target in ("control", "visual", "audio"):
                     for cond, d in at[at.target == target].groupby("condition"):
                         style = styles.get(cond, ":")
                         ax.plot(
-                            d.layer, d[stat], style, marker="o", ms=3, color=colors[target], label=f"{target}, {cond}"
+                            d.layer,
+                            d[stat],
+                            style,
+                            color=colors[target],
+                            label=f"{target} label, {cond}",
+                            **markers[target],
                         )
                 if stat == "median_rank":
-                    ax.set_yscale("log")
-                    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-                    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-                    ax.invert_yaxis()  # rank 1 at the top
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                    rank_axis(ax, "median rank (1 = top)")
+                else:
+                    ax.set_ylabel(ylabel)
+                layer_axis(ax, "layer (residual at its input)")
                 ax.set_title(f"{model}: {site} {'tokens (best)' if site == 'audio' else 'position'}", fontsize=9)
-                ax.set_xlabel("layer (residual at its input)")
-                ax.set_ylabel(ylabel)
-                ax.legend(fontsize=6)
+    legend_outside(fig, axes.flat, ncols=3)
     fig.suptitle("Logit lens: where each label's first token ranks, by layer")
     return fig
 
 
 def findings(summaries: dict[str, Summary]) -> list[Finding]:
-    """Latent audio understanding vs what the answers follow, against P1's 61.4% vs 23%."""
+    """Latent audio understanding (the audio label decoded at some layer) vs what the answers follow, against
+    P1's 61.4% vs 23%."""
     parts, verdicts = [], []
     for model, s in summaries.items():
-        c = s.conditions.get("swapped")
-        if s.latent_audio_understanding is None or c is None:
-            parts.append(f"{model}: no swapped clips")
+        if s.audio_decoded_swapped is None:
+            parts.append(f"{model}: no swapped clips (n = 0)")
             continue
-        decoded, floor, heard = c.audio_decoded or 0.0, c.control_decoded or 0.0, s.follows_audio_rate or 0.0
+        decoded, floor, heard = s.audio_decoded_swapped, s.control_decoded_swapped or 0.0, s.follows_audio_rate or 0.0
         parts.append(
-            f"{model}: audio label decoded at some layer in {decoded:.0%} of swapped clips (control label "
-            f"{floor:.0%}); {s.latent_audio_understanding:.0%} decoded while the answer follows vision; "
-            f"answers follow the audio in {heard:.0%}"
+            f"{model}: audio label decoded at some layer in {decoded:.0%} of {s.n_swapped} swapped clips (control "
+            f"label {floor:.0%}); decoded while the answer follows vision "
+            f"{pct(s.audio_decoded_while_answer_follows_vision)} of all, {pct(s.audio_decoded_given_follows_vision)} "
+            f"of the {s.n_follows_vision} that follow vision; answers follow the audio in {heard:.0%}"
         )
         above_floor, above_answers = decoded > floor, decoded > heard
         verdicts.append("agrees" if above_floor and above_answers else "partly" if above_answers else "disagrees")
@@ -296,6 +316,31 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
     ]
 
 
+def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
+    """The report's table: the swapped clips' lens figures per model, each with its n."""
+    rows = {}
+    for model, s in summaries.items():
+        figures = {
+            "audio label decoded at some layer": (s.audio_decoded_swapped, s.n_swapped),
+            "control label decoded at some layer (chance floor)": (s.control_decoded_swapped, s.n_swapped),
+            "audio decoded and the answer follows vision": (s.audio_decoded_while_answer_follows_vision, s.n_swapped),
+            "audio decoded, among answers that follow vision": (
+                s.audio_decoded_given_follows_vision,
+                s.n_follows_vision,
+            ),
+            "answer follows vision": (s.follows_vision_rate, s.n_swapped),
+            "answer follows the audio": (s.follows_audio_rate, s.n_swapped),
+        }
+        for name, (value, n) in figures.items():
+            rows.setdefault(name, {})[(model, "share")] = value
+            rows[name][(model, "n")] = n
+    out = pd.DataFrame.from_dict(rows, orient="index").astype(object)
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    out.index.name = "swapped clips"
+    out.attrs["caption"] = "Logit lens on swapped clips (share of clips; n: clips it is a share of)"
+    return [out]
+
+
 CLAIM = "The model decodes the sound at some layer far more often than its answer reports it"
 
 SPEC = Analysis(
@@ -304,11 +349,12 @@ SPEC = Analysis(
     claim=CLAIM,
     Config=Config,
     Summary=Summary,
-    headline="latent_audio_understanding",
+    headline="audio_decoded_swapped",
     collect=collect,
     summarize=summarize,
     findings=findings,
     plot=plot,
+    tables=tables,
     default_config=Config(questions={"hear": "What do you hear?"}, conditions=("factual", "swapped")),
     about=__doc__,
 )

@@ -32,6 +32,7 @@ from ..models.base import Adapter
 from ..trace import Capture, run
 from .base import Analysis, Finding, num, pct, verdict
 from .common import Item, batches
+from .plotting import layer_axis, legend_outside
 
 NAME = "probe"
 SITES = ("audio", "video", "last")
@@ -97,19 +98,33 @@ def finalize(tables: dict[str, pd.DataFrame], config: Config) -> dict[str, pd.Da
     - ``n``, ``n_classes``, ``dropped`` (classes left out for having fewer items than folds, "label (count)").
 
     ``control`` True is the same fit on labels shuffled with ``config.seed``. A slice with fewer than two classes
-    left after dropping gives no row.
+    left after dropping gives no row there but one row in table ``skipped`` (question, condition, site, target,
+    n, n_classes, kept, dropped, reason), so that no probe disappears without a word.
     """
     feats = tables["features"]
-    out = []
+    out, skipped = [], {}
     for (question, condition, site, layer), df in feats.groupby(["question", "condition", "site", "layer"]):
         df = df.sort_values("id")  # the same order whatever the units, so folds and shuffles are reproducible
         for target in TARGETS:
             labelled = df[df[target].notna()]
             counts = labelled[target].value_counts()
             kept = counts[counts >= config.folds]
+            dropped = ", ".join(f"{label} ({n})" for label, n in counts[counts < config.folds].sort_index().items())
             if len(kept) < 2:
+                if counts.empty:  # nothing of this kind in the slice (nothing seen on audio-only clips...)
+                    continue
+                skipped[(question, condition, site, target)] = {
+                    "question": question,
+                    "condition": condition,
+                    "site": site,
+                    "target": target,
+                    "n": len(labelled),
+                    "n_classes": len(counts),
+                    "kept": ", ".join(f"{label} ({n})" for label, n in kept.sort_index().items()),
+                    "dropped": dropped,
+                    "reason": f"{len(kept)} class(es) with at least {config.folds} items (the folds); a probe needs 2",
+                }
                 continue
-            dropped = ", ".join(f"{label} ({n})" for label, n in counts[counts < config.folds].items())
             data = labelled[labelled[target].isin(kept.index)]
             x = np.stack(data["vector"].to_numpy()).astype(np.float64)
             y = data[target].to_numpy()
@@ -132,7 +147,11 @@ def finalize(tables: dict[str, pd.DataFrame], config: Config) -> dict[str, pd.Da
                         "dropped": dropped,
                     }
                 )
-    return {**tables, "probes": pd.DataFrame(out, columns=PROBE_COLUMNS)}
+    return {
+        **tables,
+        "probes": pd.DataFrame(out, columns=PROBE_COLUMNS),
+        "skipped": pd.DataFrame(list(skipped.values()), columns=SKIPPED_COLUMNS),
+    }
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
@@ -155,6 +174,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, fl
 KEYS = ["question", "condition", "site", "target"]
 PROBE_COLUMNS = [*KEYS[:3], "layer", "target", "control", "accuracy", "ci_low", "ci_high", "fold_std", "chance"]
 PROBE_COLUMNS += ["majority", "n", "n_classes", "dropped"]
+SKIPPED_COLUMNS = [*KEYS, "n", "n_classes", "kept", "dropped", "reason"]
 
 
 def against_control(probes: pd.DataFrame) -> pd.DataFrame:
@@ -177,6 +197,8 @@ class ProbeSlice:
             shuffled-label probe's accuracy there) and chance at that layer.
         middle_decodable: the share of middle layers (the middle third of 0..n_layers) where the label is
             decodable (see :func:`against_control`).
+        n / n_classes: items and classes the probe was fitted on; dropped: classes left out for having fewer
+            items than folds ("label (count)", "" for none).
     """
 
     best_layer: int
@@ -185,18 +207,26 @@ class ProbeSlice:
     control: float | None
     chance: float | None
     middle_decodable: float | None
+    n: int = 0
+    n_classes: int = 0
+    dropped: str = ""
 
 
 @dataclass(frozen=True)
 class Summary:
     """Attributes:
     slices: ``"question/condition/site/target"`` (e.g. ``"hear/swapped/audio/audio_label"``) -> its probes.
+    skipped: the same keys -> why no probe was fitted there (too few classes with enough items; what was kept
+        and dropped, with counts).
     swapped_last_audio_accuracy: the headline: best accuracy of the audio label at the last position on swapped
-        clips ("hear" questions, else the first question probed); None when not probed.
+        clips ("hear" questions, else the first question probed); None when not probed (n = 0);
+        swapped_last_audio_n: the items it was fitted on.
     """
 
     slices: dict[str, ProbeSlice]
+    skipped: dict[str, str] = field(default_factory=dict)
     swapped_last_audio_accuracy: float | None = None
+    swapped_last_audio_n: int = 0
 
     def slice(self, question: str, condition: str, site: str, target: str) -> ProbeSlice | None:
         return self.slices.get(f"{question}/{condition}/{site}/{target}")
@@ -217,21 +247,38 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
             control=num(best.control_accuracy, 3),
             chance=num(best.chance, 3),
             middle_decodable=num(middle.decodable.mean(), 3),
+            n=int(best.n),
+            n_classes=int(best.n_classes),
+            dropped=str(best.dropped or ""),
+        )
+    skipped = {}
+    for r in tables.get("skipped", pd.DataFrame(columns=SKIPPED_COLUMNS)).to_dict("records"):
+        kept = f"kept {r['kept']}" if r["kept"] else "no class kept"
+        skipped["/".join(r[k] for k in KEYS)] = (
+            f"not fitted: {r['reason']}; n = {r['n']}, {kept}; dropped {r['dropped']}"
         )
     headline = sorted(k for k in slices if k.endswith("/swapped/last/audio_label"))
     headline.sort(key=lambda k: not k.startswith("hear/"))
-    return Summary(slices, slices[headline[0]].accuracy if headline else None)
+    if not headline:
+        return Summary(slices, skipped)
+    best = slices[headline[0]]
+    return Summary(slices, skipped, best.accuracy, best.n)
 
 
 def plot(tables: dict[str, dict[str, pd.DataFrame]], condition: str = "swapped") -> Figure:
     """Probe accuracy vs layer: one row per site, one column per model; audio label and visual label (with their
     95% intervals), shuffled controls dashed, chance dotted. Shows ``condition`` (else each model's first)."""
     if all(t["probes"].empty for t in tables.values()):
-        fig = Figure(figsize=(6, 1.2))
-        fig.text(0.5, 0.5, "No probe was fitted: fewer items per class than cross-validation folds.", ha="center")
+        fig = Figure(figsize=(7, 1.2))
+        fig.text(
+            0.5,
+            0.5,
+            "No probe was fitted: fewer than two classes with as many items as folds (see the table).",
+            ha="center",
+        )
         return fig
     sites = [s for s in SITES if any(s in set(t["probes"].site) for t in tables.values())]
-    fig = Figure(figsize=(4.5 * len(tables), 2.8 * len(sites)), layout="constrained")
+    fig = Figure(figsize=(4.5 * len(tables), 2.8 * len(sites) + 0.6), layout="constrained")
     axes = fig.subplots(len(sites), len(tables), squeeze=False, sharey=True)
     colors = {"audio_label": "#1b9e77", "visual_label": "#d95f02"}
     for col, (model, t) in enumerate(tables.items()):
@@ -241,22 +288,27 @@ def plot(tables: dict[str, dict[str, pd.DataFrame]], condition: str = "swapped")
         p = p[(p.condition == cond) & (p.question == question)]
         for row, site in enumerate(sites):
             ax = axes[row, col]
+            ns = {}  # target -> items its probe was fitted on
             for target, color in colors.items():
                 for control in (False, True):
                     d = p[(p.site == site) & (p.target == target) & (p.control == control)].sort_values("layer")
                     if d.empty:
                         continue
-                    name = target.replace("_", " ") + (" (shuffled)" if control else "")
+                    name = target.replace("_", " ") + (" (shuffled labels)" if control else " (95% CI shaded)")
                     ax.plot(d.layer, d.accuracy, "--" if control else "-o", color=color, label=name, ms=3)
                     if not control:
                         ax.fill_between(d.layer, d.ci_low, d.ci_high, color=color, alpha=0.15, lw=0)
-                        ax.axhline(d.chance.iloc[0], color=color, ls=":", lw=0.8)
+                        ax.axhline(
+                            d.chance.iloc[0], color=color, ls=":", lw=0.8, label=f"chance, {target.replace('_', ' ')}"
+                        )
+                        ns[target] = int(d.n.iloc[0])
             ax.set_ylim(0, 1.02)
-            ax.set_title(f"{model}: {site} ({cond}, '{question}')", fontsize=9)
-            ax.set_xlabel("layer (residual at its input)")
+            n = ", ".join(f"{t.replace('_label', '')} {k}" for t, k in ns.items()) or "0"
+            ax.set_title(f"{model}: {site} ({cond}, '{question}')\nn = {n} clips", fontsize=9)
+            layer_axis(ax, "layer (residual at its input)")
             ax.set_ylabel("probe accuracy")
-            ax.legend(fontsize=7)
-    fig.suptitle("Linear probes: what the residual stream encodes, by layer (dotted: chance)")
+    legend_outside(fig, axes.flat, ncols=3)
+    fig.suptitle("Linear probes: what the residual stream encodes, by layer")
     return fig
 
 
@@ -266,15 +318,18 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
     for model, s in summaries.items():
         keys = sorted(k for k in s.slices if k.endswith("/swapped/audio/audio_label"))
         if not keys:
-            parts.append(f"{model}: no swapped clips with audio tokens probed")
+            why = [v for k, v in s.skipped.items() if k.endswith("/swapped/audio/audio_label")]
+            parts.append(f"{model}: no probe on swapped clips' audio tokens ({why[0] if why else 'none probed'})")
             continue
         p = s.slices[keys[0]]  # the first question
         floor = max(x for x in (p.control, p.chance, 0.0) if x is not None)
         middle, best = p.middle_decodable or 0.0, p.ci_low is not None and p.ci_low > floor
         verdicts.append("agrees" if middle > 0 else "partly" if best else "disagrees")
+        dropped = f"; classes dropped for having fewer items than folds: {p.dropped}" if p.dropped else ""
         parts.append(
             f"{model}: decodable in {middle:.0%} of middle layers; best layer {p.best_layer} at "
-            f"{pct(p.accuracy)} (95% CI from {pct(p.ci_low)}; shuffled labels {pct(p.control)}, chance {pct(p.chance)})"
+            f"{pct(p.accuracy)} (95% CI from {pct(p.ci_low)}; shuffled labels {pct(p.control)}, chance {pct(p.chance)}"
+            f"; n = {p.n} items of {p.n_classes} classes{dropped})"
         )
     return [
         Finding(
@@ -288,6 +343,43 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
             "model does not use (see the logit lens for what it decodes).",
         )
     ]
+
+
+def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
+    """The report's table: one row per model, condition, site and label probed (the first question), its best
+    layer with accuracy, 95% lower bound, shuffled control, chance, middle layers decodable, n and what was
+    dropped; slices that could not be fitted say why."""
+    rows = []
+    for model, s in summaries.items():
+        first = sorted({k.split("/")[0] for k in (*s.slices, *s.skipped)}, key=lambda q: q != "hear")[:1]
+        for key in sorted((*s.slices, *s.skipped)):
+            question, condition, site, target = key.split("/")
+            if [question] != first:
+                continue
+            row = {"model": model, "clip condition": condition, "site": site, "label": target.replace("_", " ")}
+            p = s.slices.get(key)
+            if p is None:
+                rows.append(row | {"note": s.skipped[key]})
+                continue
+            rows.append(
+                row
+                | {
+                    "best layer": p.best_layer,
+                    "accuracy": p.accuracy,
+                    "95% CI low": p.ci_low,
+                    "shuffled labels": p.control,
+                    "chance": p.chance,
+                    "middle layers decodable": p.middle_decodable,
+                    "n": p.n,
+                    "classes": p.n_classes,
+                    "note": f"dropped (fewer items than folds): {p.dropped}" if p.dropped else "",
+                }
+            )
+    out = pd.DataFrame(rows, dtype=object)
+    if not out.empty:
+        out = out.set_index(["model", "clip condition", "site", "label"])
+    out.attrs["caption"] = "Probes at their best layer (accuracy: out-of-fold share right; n: items fitted on)"
+    return [out]
 
 
 CLAIM = "What is heard stays readable in the hidden states of the audio tokens even when the answer follows the picture"
@@ -304,6 +396,7 @@ SPEC = Analysis(
     summarize=summarize,
     findings=findings,
     plot=plot,
+    tables=tables,
     default_config=Config(
         questions={"hear": "What do you hear?"}, conditions=("factual", "swapped"), folds=4
     ),  # 4 clips a class

@@ -26,6 +26,7 @@ from ..models.base import Adapter, Inputs, Sample
 from ..trace import generate, run
 from .base import Analysis, Finding, Needs, num, pct, verdict
 from .common import Item, batches, words
+from .plotting import legend_outside
 
 NAME = "token_shift"
 SHIFTS = ("unshifted", "marginal", "shifted")
@@ -44,6 +45,9 @@ class Config:
         base_sees_audio: give the base the audio too. False (default) for a vision-language base, and for an
             Omni-architecture base that was never trained with audio; a base without an audio tower never gets it.
         batch_size: items per forward.
+        template_share: a token found at the same answer position in at least this share of a model's answers
+            is a fixed word of the answer template ("I see a ... and hear a ..."), marked ``template`` and
+            summarised apart from the content tokens (None: mark nothing).
     """
 
     question: str = "Describe what you see and hear."
@@ -52,6 +56,7 @@ class Config:
     audio_words: tuple[str, ...] | None = None
     base_sees_audio: bool = False
     batch_size: int = 8
+    template_share: float | None = 0.9
 
 
 def shift_class(rank: int) -> str:
@@ -304,6 +309,49 @@ def teacher_forced(adapter: Adapter, inputs: Inputs, tokens: torch.Tensor) -> to
 # ---------------------------------------------------------------------------------------------------------
 # Summary, figure, comparison with P1
 # ---------------------------------------------------------------------------------------------------------
+def mark_template(tokens: pd.DataFrame, share: float | None) -> pd.DataFrame:
+    """``tokens`` with column ``template``: the token (its id) is at the same position in at least ``share`` of
+    the answers (items) of its model, a fixed word of the answer template rather than content."""
+    if tokens.empty or share is None:
+        return tokens.assign(template=False)
+    n_answers = tokens.id.nunique()
+    counts = tokens.groupby(["position", "token_id"]).id.transform("nunique")
+    return tokens.assign(template=(counts >= share * n_answers).to_numpy())
+
+
+def positions(tokens: pd.DataFrame) -> pd.DataFrame:
+    """The distribution of KL per answer position: n, the most frequent token there and whether it is a template
+    token, KL mean / median / quartiles / max, and the shares of unshifted tokens."""
+    if tokens.empty:
+        return pd.DataFrame(columns=POSITION_COLUMNS)
+    g = tokens.groupby("position")
+    out = pd.DataFrame(
+        {
+            "n": g.size(),
+            "token": g.token.agg(lambda s: s.value_counts().index[0]),
+            "template": g.template.mean() >= 0.5,
+            "kl_mean": g.kl.mean(),
+            "kl_median": g.kl.median(),
+            "kl_q25": g.kl.quantile(0.25),
+            "kl_q75": g.kl.quantile(0.75),
+            "kl_max": g.kl.max(),
+            "unshifted_share": g["shift"].agg(lambda s: float((s == "unshifted").mean())),
+        }
+    ).reset_index()
+    return out[POSITION_COLUMNS]
+
+
+POSITION_COLUMNS = ["position", "n", "token", "template", "kl_mean", "kl_median", "kl_q25", "kl_q75", "kl_max"]
+POSITION_COLUMNS += ["unshifted_share"]
+
+
+def finalize(tables: dict[str, pd.DataFrame], config: Config) -> dict[str, pd.DataFrame]:
+    """Mark template tokens over all of a model's answers (column ``template``, see :func:`mark_template`) and
+    add table ``positions`` (see :func:`positions`)."""
+    tokens = mark_template(tables["tokens"], config.template_share)
+    return {**tables, "tokens": tokens, "positions": positions(tokens)}
+
+
 def shares(tokens: pd.DataFrame) -> dict[str, float]:
     """Shares of unshifted, marginal and shifted tokens, and of tokens within the base's top 3."""
     n = len(tokens)
@@ -315,8 +363,13 @@ def shares(tokens: pd.DataFrame) -> dict[str, float]:
 @dataclass(frozen=True)
 class Summary:
     """Shift shares (unshifted: rank 1 under the base, marginal: 2-3, shifted: > 3; top3: rank <= 3) over all
-    generated tokens and over audio-event words (``audio_*``), mean KL(AV || base) in nats, and per clip
-    condition (None: no such tokens)."""
+    generated tokens and over audio-event words (``audio_*``), KL(AV || base) in nats, and per clip condition
+    (None: no such tokens, n = 0 beside it).
+
+    KL: ``mean_kl`` / ``median_kl`` over all tokens; ``content_*`` over the tokens that are not fixed words of
+    the answer template (the verdict's figure: P1's free descriptions have no fixed template), ``template_*``
+    over those that are; ``median_kl_by_position``: position -> median (the full distribution is table
+    ``positions``); ``template_tokens``: the template's words by position."""
 
     n_tokens: int
     n_audio_tokens: int
@@ -329,59 +382,129 @@ class Summary:
     audio_shifted_share: float | None
     audio_top3_share: float | None
     mean_kl: float | None
+    median_kl: float | None = None
+    n_content_tokens: int = 0
+    content_mean_kl: float | None = None
+    content_median_kl: float | None = None
+    n_template_tokens: int = 0
+    template_mean_kl: float | None = None
+    template_tokens: dict[int, str] = field(default_factory=dict)
+    median_kl_by_position: dict[int, float | None] = field(default_factory=dict)
     mean_kl_by_condition: dict[str, float | None] = field(default_factory=dict)
+    content_mean_kl_by_condition: dict[str, float | None] = field(default_factory=dict)
     audio_unshifted_share_by_condition: dict[str, float | None] = field(default_factory=dict)
+    n_audio_tokens_by_condition: dict[str, int] = field(default_factory=dict)
 
 
 def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
     """Shift shares over all tokens and over audio-event words, mean KL; per clip condition too."""
     t = tables["tokens"]
+    if "template" not in t:  # tables that did not go through finalize
+        t = mark_template(t, Config().template_share)
     audio = t[t.audio_word.astype(bool)] if len(t) else t
+    content, template = t[~t.template.astype(bool)], t[t.template.astype(bool)]
+
+    def mean(x: pd.Series) -> float | None:
+        return num(x.mean(), 3) if len(x) else None
+
+    def median(x: pd.Series) -> float | None:
+        return num(x.median(), 3) if len(x) else None
+
     out: dict[str, Any] = {"n_tokens": len(t), "n_audio_tokens": len(audio)}
-    out |= {k: num(v) for k, v in shares(t).items()}
-    out |= {f"audio_{k}": num(v) for k, v in shares(audio).items()}
-    out["mean_kl"] = num(t.kl.mean()) if len(t) else None
-    kl, unshifted = {}, {}
+    out |= {k: num(v, 3) for k, v in shares(t).items()}
+    out |= {f"audio_{k}": num(v, 3) for k, v in shares(audio).items()}
+    out |= {"mean_kl": mean(t.kl), "median_kl": median(t.kl)}
+    out |= {
+        "n_content_tokens": len(content),
+        "content_mean_kl": mean(content.kl),
+        "content_median_kl": median(content.kl),
+    }
+    out |= {"n_template_tokens": len(template), "template_mean_kl": mean(template.kl)}
+    pos = positions(t)
+    out["template_tokens"] = {int(r.position): str(r.token) for r in pos.itertuples() if r.template}
+    out["median_kl_by_position"] = {int(r.position): num(r.kl_median, 3) for r in pos.itertuples()}
+    kl, content_kl, unshifted, n_audio = {}, {}, {}, {}
     for cond, g in t.groupby("condition"):
         a = g[g.audio_word.astype(bool)]
-        kl[cond] = num(g.kl.mean())
-        unshifted[cond] = num((a["shift"] == "unshifted").mean()) if len(a) else None
-    return Summary(**out, mean_kl_by_condition=kl, audio_unshifted_share_by_condition=unshifted)
+        kl[cond] = mean(g.kl)
+        content_kl[cond] = mean(g.kl[~g.template.astype(bool)])
+        unshifted[cond] = num((a["shift"] == "unshifted").mean(), 3) if len(a) else None
+        n_audio[cond] = len(a)
+    return Summary(
+        **out,
+        mean_kl_by_condition=kl,
+        content_mean_kl_by_condition=content_kl,
+        audio_unshifted_share_by_condition=unshifted,
+        n_audio_tokens_by_condition=n_audio,
+    )
 
 
 def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
-    """Stacked shares of unshifted / marginal / shifted tokens, all tokens and audio-event words, per model;
-    mean KL per model and clip condition."""
-    fig = Figure(figsize=(4 + 2.2 * len(tables), 3.6), layout="constrained")
-    ax, ax_kl = fig.subplots(1, 2, width_ratios=[2, 1])
+    """Stacked shares of unshifted / marginal / shifted tokens, all tokens and audio-event words, per model; the
+    KL per answer position (median, quartiles shaded, mean as open circles; template positions named and
+    shaded grey); mean KL over content tokens per model and clip condition."""
+    fig = Figure(figsize=(6 + 3.2 * len(tables), 4.4), layout="constrained")
+    ax, ax_pos, ax_kl = fig.subplots(1, 3, width_ratios=[1.6, 1.6, 1])
     colors = {"unshifted": "#1b9e77", "marginal": "#e6ab02", "shifted": "#d95f02"}
     labels, values = [], []
     for model, t in tables.items():
         tok = t["tokens"]
         for what, sub in (("all", tok), ("audio words", tok[tok.audio_word.astype(bool)] if len(tok) else tok)):
-            labels.append(f"{model}\n{what} (n={len(sub)})")
+            labels.append(f"{model}\n{what}\n(n={len(sub)})")
             values.append([shares(sub)[f"{s}_share"] for s in SHIFTS])
     values = np.nan_to_num(np.array(values, dtype=float).reshape(-1, len(SHIFTS)))
     bottom = np.zeros(len(labels))
     for j, s in enumerate(SHIFTS):
-        ax.bar(labels, values[:, j], bottom=bottom, color=colors[s], label=s)
+        ax.bar(labels, values[:, j], bottom=bottom, color=colors[s], label=f"{s} (base rank {RANKS[s]})")
         bottom += values[:, j]
     ax.set_ylim(0, 1.05)
+    ax.set_xlabel("model, tokens")
     ax.set_ylabel("share of generated tokens")
     ax.tick_params(axis="x", labelsize=7)
-    ax.legend(fontsize=8)
-    ax.set_title("rank under the base: 1 / 2-3 / >3")
+    ax.set_title("rank of each token under the base", fontsize=10)
+
+    for k, (model, t) in enumerate(tables.items()):
+        pos = t.get("positions")
+        if pos is None:
+            pos = positions(mark_template(t["tokens"], Config().template_share))
+        if pos.empty:
+            continue
+        color = f"C{k}"
+        ax_pos.plot(pos.position, pos.kl_median, "-o", ms=3, color=color, label=f"{model}: median (quartiles shaded)")
+        ax_pos.fill_between(pos.position, pos.kl_q25, pos.kl_q75, color=color, alpha=0.15, lw=0)
+        ax_pos.plot(pos.position, pos.kl_mean, "o", mfc="none", color=color, label=f"{model}: mean")
+        if k == 0:
+            for r in pos[pos.template.astype(bool)].itertuples():
+                ax_pos.axvspan(r.position - 0.4, r.position + 0.4, color="#dddddd", zorder=0, lw=0)
+            ticks = [f"{r.position}\n{r.token!r}" if r.template else str(r.position) for r in pos.itertuples()]
+            ax_pos.set_xticks(pos.position, ticks, fontsize=7)
+    ax_pos.set_yscale("symlog", linthresh=0.01)
+    ax_pos.set_xlabel("answer position (grey: template token, named)")
+    ax_pos.set_ylabel("KL(AV || base), nats")
+    ax_pos.set_title("KL by position", fontsize=10)
+
     conditions = sorted({c for t in tables.values() for c in t["tokens"].get("condition", pd.Series()).unique()})
     width = 0.8 / max(1, len(conditions))
     for k, cond in enumerate(conditions):
-        kls = [t["tokens"].loc[t["tokens"].condition == cond, "kl"].mean() for t in tables.values()]
-        ax_kl.bar(np.arange(len(tables)) + k * width, kls, width=width, label=cond)
-    ax_kl.axhline(0.4, color="#555555", ls="--", lw=0.8, label="P1: 0.4")
+        kls = []
+        for t in tables.values():
+            tok = t["tokens"]
+            content = ~tok.template.astype(bool) if "template" in tok else np.ones(len(tok), bool)
+            kls.append(tok.loc[(tok.condition == cond) & content, "kl"].mean())
+        ax_kl.bar(
+            np.arange(len(tables)) + k * width, kls, width=width, label=f"content tokens, {cond}", color=f"C{k + 2}"
+        )
+    ax_kl.axhline(0.4, color="#555555", ls="--", lw=0.8, label="P1: mean KL 0.4")
     ax_kl.set_xticks(np.arange(len(tables)) + width * (len(conditions) - 1) / 2, list(tables), fontsize=8)
-    ax_kl.set_ylabel("mean KL(AV || base), nats")
-    ax_kl.legend(fontsize=8)
+    ax_kl.set_xlabel("model")
+    ax_kl.set_ylabel("mean KL over content tokens, nats")
+    ax_kl.set_title("mean KL (template excluded)", fontsize=10)
+    legend_outside(fig, (ax, ax_pos, ax_kl), ncols=4)
     fig.suptitle("Token-distribution shift against the vision-language base")
     return fig
+
+
+RANKS = {"unshifted": "1", "marginal": "2-3", "shifted": "> 3"}
 
 
 def findings(summaries: dict[str, Summary]) -> list[Finding]:
@@ -412,17 +535,62 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
     )
     parts, calls = [], []
     for m, s in summaries.items():
-        kl = s.mean_kl
-        parts.append(f"{m}: mean KL {pct(kl, '.2f')}")
+        kl = s.content_mean_kl
+        template = ", ".join(f"{w!r}" for w in s.template_tokens.values()) or "none"
+        parts.append(
+            f"{m}: mean KL over content tokens {pct(kl, '.2f')} (median {pct(s.content_median_kl, '.2f')}, "
+            f"n={s.n_content_tokens}); over all tokens mean {pct(s.mean_kl, '.2f')}, median {pct(s.median_kl, '.2f')}"
+            f" (n={s.n_tokens}); template tokens ({template}) mean {pct(s.template_mean_kl, '.2f')}"
+            f" (n={s.n_template_tokens})"
+        )
         calls.append(None if kl is None else "agrees" if kl <= 1.0 else "partly" if kl <= 2.0 else "disagrees")
     divergence = Finding(
         "The AV model's next-token distribution stays close to the base's",
         "KL(AVLLM || base) 0.4 on average over generated tokens",
         "; ".join(parts),
         verdict(calls),
-        "KL depends on the vocabulary and how peaked the models are; agrees when it stays below 1 nat.",
+        "Verdict on the mean KL over content tokens: tokens that are not fixed words of the answer template (a "
+        "token at the same position in at least 90% of the answers), since P1's free descriptions have no such "
+        "template; the template's KL is shown beside it, and the KL per answer position in the figure. KL depends "
+        "on the vocabulary and how peaked the models are; agrees when it stays below 1 nat.",
     )
     return [inherited, divergence]
+
+
+def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
+    """The report's table: per model and token group (all, audio-event words, content, template), n, shift
+    shares and KL."""
+    rows = []
+    for model, s in summaries.items():
+        groups = {
+            "all tokens": (s.n_tokens, s.unshifted_share, s.marginal_share, s.shifted_share, s.top3_share),
+            "audio-event words": (
+                s.n_audio_tokens,
+                s.audio_unshifted_share,
+                s.audio_marginal_share,
+                s.audio_shifted_share,
+                s.audio_top3_share,
+            ),
+        }
+        kl = {"all tokens": (s.mean_kl, s.median_kl)}
+        for group, (n, un, marginal, shifted, top3) in groups.items():
+            mean, median = kl.get(group, (None, None))
+            rows.append(
+                {"model": model, "tokens": group, "n": n, "unshifted": un, "marginal": marginal, "shifted": shifted,
+                 "in base's top 3": top3, "mean KL": mean, "median KL": median}
+            )  # fmt: skip
+        rows.append(
+            {"model": model, "tokens": "content (not template)", "n": s.n_content_tokens, "mean KL": s.content_mean_kl,
+             "median KL": s.content_median_kl}
+        )  # fmt: skip
+        template = ", ".join(repr(w) for w in s.template_tokens.values())
+        rows.append(
+            {"model": model, "tokens": f"template ({template or 'none'})", "n": s.n_template_tokens,
+             "mean KL": s.template_mean_kl}
+        )  # fmt: skip
+    out = pd.DataFrame(rows, dtype=object).set_index(["model", "tokens"])
+    out.attrs["caption"] = "Shift classes (share of tokens; rank under the base 1 / 2-3 / > 3) and KL(AV || base), nats"
+    return [out]
 
 
 CLAIM = "The AV model's audio-event tokens are mostly what the vision-language base would say"
@@ -438,6 +606,8 @@ SPEC = Analysis(
     summarize=summarize,
     findings=findings,
     plot=plot,
+    finalize=finalize,
+    tables=tables,
     default_config=Config(conditions=("factual", "swapped")),
     needs=Needs(base=True, generation=True),
     about=__doc__,
