@@ -7,6 +7,7 @@ import base64
 import io
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -125,7 +126,7 @@ def test_figures_are_embedded_valid_pngs(tmp_path):
 def test_tables_and_findings_appear(tmp_path):
     doc = build_report().save(tmp_path / "report.html").read_text(encoding="utf-8")
     scores, findings = parse_tables(doc)
-    assert scores == ["layer", "fidelity", "group", "0", "0.1235", "video", "1", "12,346", "audio<x>", "2", "–", "last"]
+    assert scores == ["layer", "fidelity", "group", "0", "0.123", "video", "1", "12,346", "audio<x>", "2", "–", "last"]
     assert "<caption>Fidelity by layer</caption>" in doc and "audio&lt;x&gt;" in doc
     assert findings[:5] == ["Claim", "Paper", "Measured", "Verdict", "Note"]
     rows = [findings[i : i + 5] for i in range(5, len(findings), 5)]
@@ -168,3 +169,161 @@ def test_browser_shows_the_figures(tmp_path):
     assert count_colour(without, MAGENTA) == 0
     # The verdicts are visibly coloured (the "agrees" cell background, #d7f0d9).
     assert count_colour(without, (0xD7, 0xF0, 0xD9), tolerance=2) > 500
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The analyses' figures, tables and the run's report, on a tiny model run end to end
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """P1's analyses on a tiny model and 8 organism clips: the run directory, and model -> tables per analysis."""
+    from test_reproduce import WORDS
+
+    from avlens.data import counterfactual
+    from avlens.models.tiny import tiny_model
+    from avlens.organism.world import LABEL_GROUPS, WorldConfig, write_world
+    from avlens.reproduce import reproduce
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    tiny_model("qwen2.5-omni", layers=3, words=WORDS, save_to=root / "model", seed=4)
+    write_world(root / "world", 8, 0, cfg=WorldConfig(height=112, width=112), workers=1)
+    counterfactual(root / "world" / "manifest.jsonl", root / "cf", groups={k: list(v) for k, v in LABEL_GROUPS.items()})
+    model = str(root / "model")
+    out = reproduce(root / "out", models={"tiny": model}, base=model, data=root / "cf" / "manifest.jsonl").out
+    return out
+
+
+def _tables_of(out, name: str) -> dict[str, pd.DataFrame]:
+    from avlens.analyses import get
+
+    tables = {p.name.split(".")[1]: pd.read_parquet(p).drop(columns="model") for p in out.glob(f"results/{name}.*")}
+    spec = get(name)
+    return spec.finalize(tables, spec.config()) if spec.finalize else tables
+
+
+P1 = ("counterfactual", "probe", "logit_lens", "knockout", "token_shift", "attention_share")
+
+
+@pytest.mark.parametrize("name", P1)
+def test_figures_label_every_axis_use_integer_layers_and_keep_legends_off_the_data(tiny_run, name):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from avlens.analyses import get
+
+    tables = _tables_of(tiny_run, name)
+    if name == "probe":  # 8 clips of 12 classes: no probe can be fitted; a planted table draws every panel
+        from test_probe_lens import _planted_features
+
+        assert get(name).plot({"m": tables}).texts  # a figure without data says so
+        tables = get(name).finalize({"features": _planted_features(2)}, get(name).Config(folds=3))
+    fig = get(name).plot({"vision-heavy": tables, "balanced": tables})
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    axes = [ax for ax in fig.axes if ax.get_visible() and ax.has_data()]
+    assert axes, name
+    for ax in axes:
+        where = f"{name}: {ax.get_title()!r}"
+        assert ax.get_xlabel() and ax.get_ylabel(), where
+        assert ax.get_legend() is None, f"{where}: a legend inside the axes"
+        if "layer" in ax.get_xlabel():
+            labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+            assert labels and all(re.fullmatch(r"−?\d+", x) for x in labels), (where, labels)
+        if ax.get_yscale() == "log":  # rank axes: only 1, 2, 5, 10... are labelled, no minor labels
+            assert not [t for t in ax.yaxis.get_minor_ticks() if t.label1.get_visible() and t.label1.get_text()]
+    for legend in fig.legends:
+        box = legend.get_window_extent(renderer)
+        for ax in axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), f"{name}: the legend covers {ax.get_title()!r}"
+
+
+def test_a_single_analysis_report_fits_its_run_and_shows_provenance_as_a_table(tiny_run, tmp_path):
+    from avlens.analyses import get
+    from avlens.report.build import build_report
+
+    name = "probe"
+    tables = _tables_of(tiny_run, name)
+    summary = {name: {"model": get(name).summarize(tables)}}
+    settings = {"folds": 4, "questions": {"hear": "What?"}}
+    config = {"models": {"model": "organism:av-balanced"}, "analysis": name, "model": "organism:av-balanced",
+              "base": None, "data": "cf/manifest.jsonl", "config": settings}  # fmt: skip
+    doc = build_report(
+        tmp_path / "report.html", {name: {"model": tables}}, summary, config, {"model_sha256": "ab" * 32}
+    )
+    doc = doc.read_text()
+    title = re.search(r"<h1>(.*?)</h1>", doc).group(1)
+    assert "reproduced" not in title and get(name).title in title
+    assert "How the models differ" not in doc and "Overview" not in doc
+    provenance = doc[doc.index("Provenance") :]
+    assert "<th>avlens version</th>" in provenance and "<th>avlens git commit</th>" in provenance
+    assert re.search(
+        r"<th>avlens git commit</th><td>([0-9a-f]{40}( \(modified\))?|not a git checkout)</td>", provenance
+    )
+    assert '{"' not in provenance.split("settings")[0]  # no JSON blob for the run's config
+    assert "<th>probe settings</th><td>folds=4; questions={&quot;hear&quot;: &quot;What?&quot;}</td>" in provenance
+
+
+def test_report_tables_have_named_rows_one_precision_and_n(tiny_run):
+    from avlens.analyses import get
+    from avlens.report.html import table_html
+
+    for name in P1:
+        tables = _tables_of(tiny_run, name)
+        spec = get(name)
+        shown = spec.tables({"tiny": spec.summarize(tables)}) if spec.tables else []
+        for df in shown:
+            html = table_html(df)
+            assert "/" not in " ".join(map(str, df.index)), name  # no slash-joined keys
+            numbers = re.findall(r'<td class="num">([^<]*)</td>', html)
+            decimals = {len(x.split(".")[1]) for x in numbers if "." in x}
+            assert decimals <= {3}, (name, decimals)  # one precision
+            assert re.search(r"<th>n[ <(]|n \(", html) or ">n<" in html, f"{name}: no n beside its rates"
+        if name == "probe":
+            assert len(shown[0]) <= 2 * 3 * 2 * 2  # conditions x sites x labels x (one) model, not a 72-row dump
+
+
+DOCS = Path(__file__).parents[1] / "docs" / "results.md"
+
+
+def documented_columns() -> dict[str, set[str]]:
+    """docs/results.md: table heading (``## `name.table` ``) -> the column names of its table's first cells."""
+    text = DOCS.read_text()
+    out: dict[str, set[str]] = {}
+    table = None
+    for line in text.splitlines():
+        heading = re.match(r"## `([^`]+)`", line)
+        if heading:
+            table = {"<analysis>.errors": "errors"}.get(heading.group(1), heading.group(1))
+            out[table] = set()
+        elif line.startswith("## "):
+            table = "common"
+            out[table] = set()
+        elif table and line.startswith("| `"):
+            out[table] |= set(re.findall(r"`([^`]+)`", line.split("|")[1]))
+    return out
+
+
+def test_every_column_a_run_writes_is_documented(tiny_run):
+    from avlens.analyses import get
+
+    docs = documented_columns()
+    common = docs["common"]
+    seen = []
+    for path in sorted((tiny_run / "results").glob("*.parquet")):
+        name, table = path.stem.split(".", 1)
+        columns = set(pd.read_parquet(path).columns)
+        key = "errors" if table == "errors" else path.stem
+        assert key in docs, f"{path.stem} is not in docs/results.md"
+        missing = columns - docs[key] - (set() if key == "errors" else common)
+        assert not missing, f"{path.stem}: columns {sorted(missing)} are not documented"
+        seen.append(path.stem)
+    for name in P1:  # tables computed when the run ends
+        spec = get(name)
+        if spec.finalize is None:
+            continue
+        for table, df in _tables_of(tiny_run, name).items():
+            key = "errors" if table == "errors" else f"{name}.{table}"
+            missing = set(df.columns) - docs.get(key, set()) - (set() if key == "errors" else common) - {"model"}
+            assert not missing, f"{key}: columns {sorted(missing)} are not documented"
+    assert "knockout.knockout" in seen and "clip" in pd.read_parquet(tiny_run / "results" / "knockout.knockout.parquet")
+    window_end = next(line for line in DOCS.read_text().splitlines() if line.startswith("| `window_end`"))
+    assert "exclusive" in window_end

@@ -191,33 +191,55 @@ def _inline(text: str) -> str:
 
 
 def format_number(x: object) -> str:
-    """A table cell: ints as they are, floats to 4 significant digits (large ones whole, with thousands
-    separators, rather than in exponent form), missing values as an en dash."""
-    if pd.api.types.is_scalar(x) and pd.isna(x):
+    """A table cell: ints as they are, floats to 3 decimals (one precision for every figure; large ones whole,
+    with thousands separators), missing values as an en dash."""
+    if x is None or (pd.api.types.is_scalar(x) and pd.isna(x)):
         return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
     if isinstance(x, float):
-        return f"{x:,.0f}" if 1e4 <= abs(x) < 1e12 else f"{x:.4g}"
+        return f"{x:,.0f}" if 1e4 <= abs(x) < 1e12 else f"{x:.3f}"
+    if isinstance(x, int):
+        return f"{x:,}" if abs(x) >= 1e4 else str(x)
     return str(x)
 
 
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
 def table_html(df: pd.DataFrame, max_rows: int = 200) -> str:
-    """A DataFrame as an HTML table: numbers right-aligned and rounded, long tables cut at ``max_rows``."""
+    """A DataFrame as an HTML table: numbers right-aligned and rounded, long tables cut at ``max_rows``; columns
+    with two levels (a MultiIndex, e.g. (model, figure)) get two header rows."""
     shown = df.head(max_rows)
     # A default, unnamed 0..n-1 index says nothing; a named or labelled one (e.g. set_index("layer")) does.
     show_index = any(n is not None for n in df.index.names) or not isinstance(df.index, pd.RangeIndex)
-    numeric = [pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype) for dtype in df.dtypes]
-    head = ["<tr>"]
-    if show_index:
-        head.append(f"<th>{html.escape(', '.join(str(n) for n in df.index.names if n is not None))}</th>")
-    head += [f"<th>{html.escape(str(c))}</th>" for c in df.columns]
-    head.append("</tr>")
+    index_head = html.escape(", ".join(str(n) for n in df.index.names if n is not None))
+    if isinstance(df.columns, pd.MultiIndex) and df.columns.nlevels == 2:
+        top: list[tuple[str, int]] = []
+        for a, _ in df.columns:
+            if top and top[-1][0] == a:
+                top[-1] = (a, top[-1][1] + 1)
+            else:
+                top.append((a, 1))
+        first = "<tr>" + (f'<th rowspan="2">{index_head}</th>' if show_index else "")
+        first += "".join(f'<th colspan="{n}">{html.escape(str(a))}</th>' for a, n in top) + "</tr>"
+        second = "<tr>" + "".join(f"<th>{html.escape(str(b))}</th>" for _, b in df.columns) + "</tr>"
+        head = [first, second]
+    else:
+        head = ["<tr>"]
+        if show_index:
+            head.append(f"<th>{index_head}</th>")
+        head += [f"<th>{html.escape(str(c))}</th>" for c in df.columns]
+        head.append("</tr>")
     rows = []
     for index, values in zip(shown.index, shown.itertuples(index=False, name=None), strict=True):
         label = ", ".join(map(str, index)) if isinstance(index, tuple) else str(index)  # tuple: a MultiIndex row
         cells = [f"<th>{html.escape(label)}</th>"] if show_index else []
-        for value, is_num in zip(values, numeric, strict=True):
-            text = html.escape(format_number(_python(value)))
-            cells.append(f'<td class="num">{text}</td>' if is_num else f"<td>{text}</td>")
+        for value in values:
+            value = _python(value)
+            text = html.escape(format_number(value))
+            cells.append(f'<td class="num">{text}</td>' if _is_number(value) else f"<td>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     caption = df.attrs.get("caption", "")
     if len(df) > max_rows:
