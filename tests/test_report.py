@@ -327,3 +327,23 @@ def test_every_column_a_run_writes_is_documented(tiny_run):
     assert "knockout.knockout" in seen and "clip" in pd.read_parquet(tiny_run / "results" / "knockout.knockout.parquet")
     window_end = next(line for line in DOCS.read_text().splitlines() if line.startswith("| `window_end`"))
     assert "exclusive" in window_end
+
+
+@pytest.mark.parametrize("name", P1)
+def test_a_figure_with_no_data_is_null_with_n_zero(tiny_run, name):
+    """Every analysis summarised on tables without a row: its figures are None, its counts 0 (never 0.0)."""
+    from avlens.analyses import get
+    from avlens.analyses.base import flat, strict_json
+
+    spec = get(name)
+    tables = {t: df.iloc[0:0] for t, df in _tables_of(tiny_run, name).items() if t not in ("probes", "skipped")}
+    if spec.finalize is not None:
+        tables = spec.finalize(tables, spec.config())
+    summary = spec.summarize(tables)
+    assert spec.headline_of(summary) is None
+    figures = flat(strict_json(summary))
+    figures.pop("n_layers", None)  # the model's depth, not a count of data
+    counts = {k: v for k, v in figures.items() if re.fullmatch(r"(.*_)?n(_.*)?", k.split("/")[-1])}
+    assert counts and all(v == 0 and isinstance(v, int) for v in counts.values()), counts
+    others = {k: v for k, v in figures.items() if k not in counts}
+    assert all(v is None or v == {} for v in others.values()), others

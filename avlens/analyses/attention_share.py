@@ -58,25 +58,34 @@ def profile(shares: pd.DataFrame) -> pd.DataFrame:
 @dataclass(frozen=True)
 class Summary:
     """Mean head-averaged share of the query's attention per key group, over the first (early) and the last
-    (late) third of the layers."""
+    (late) third of the layers; ``n_items``: the items averaged over (0: no data, and every share None)."""
 
     audio_share_early: float | None
     audio_share_late: float | None
     video_share_early: float | None
     video_share_late: float | None
     question_share_late: float | None
+    n_items: int = 0
 
 
 def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
-    p = profile(tables["shares"])
+    shares = tables["shares"]
+    if shares.empty:
+        return Summary(None, None, None, None, None, 0)
+    p = profile(shares)
     n = len(p)
     early, late = p.iloc[: max(1, n // 3)], p.iloc[-max(1, n // 3) :]
+
+    def mean(frame: pd.DataFrame, key: str) -> float | None:
+        return num(frame[key].mean(), 3) if key in frame else None
+
     return Summary(
-        audio_share_early=num(early["audio"].mean(), 3),
-        audio_share_late=num(late["audio"].mean(), 3),
-        video_share_early=num(early["video"].mean(), 3),
-        video_share_late=num(late["video"].mean(), 3),
-        question_share_late=num(late["question"].mean(), 3),
+        audio_share_early=mean(early, "audio"),
+        audio_share_late=mean(late, "audio"),
+        video_share_early=mean(early, "video"),
+        video_share_late=mean(late, "video"),
+        question_share_late=mean(late, "question"),
+        n_items=int(shares.id.nunique()),
     )
 
 

@@ -167,10 +167,12 @@ class LensCondition:
         audio_decoded_at: site -> the same at one site.
         best_layer / best_layer_share: site -> the layer where most items have the audio label in the top k, and
             that share.
+        n: the items these shares are of.
     """
 
     audio_decoded: float | None
     control_decoded: float | None
+    n: int = 0
     audio_decoded_at: dict[str, float | None] = field(default_factory=dict)
     best_layer: dict[str, int] = field(default_factory=dict)
     best_layer_share: dict[str, float | None] = field(default_factory=dict)
@@ -208,7 +210,8 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
     for cond, d in lens.groupby("condition"):
         if not (d.target == "audio").any():  # nothing heard (muted, video only)
             continue
-        c = LensCondition(num(ever_decoded(d).mean(), 3), num(ever_decoded(d, "control").mean(), 3))
+        decoded = ever_decoded(d)
+        c = LensCondition(num(decoded.mean(), 3), num(ever_decoded(d, "control").mean(), 3), n=len(decoded))
         for site in SITES:
             at = d[(d.target == "audio") & (d.site == site)]
             if at.empty:
