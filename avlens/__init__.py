@@ -27,16 +27,42 @@ re-exports the rest; only cli and reproduce import it.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import AvlensError, InputError, MediaError, ModelNotFoundError, UnknownGroupError
-from .layout import TokenLayout
-from .models import Adapter, Clip, Inputs, Sample
-from .models import load as _load_checkpoint
-from .trace import Ablate, Capture, Discard, Knockout, Patch, Steer, Trace, generate, run, run_conditions
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from .layout import TokenLayout
+    from .models import Adapter, Clip, Inputs, Sample
+    from .trace import Ablate, Capture, Discard, Knockout, Patch, Steer, Trace, generate, run, run_conditions
+
+# The engine's names are imported on first use (PEP 562), so that ``import avlens.cli`` (every ``avlens
+# --help``) does not import torch and transformers; ``from avlens import Knockout`` works as before.
+_LAZY = {
+    "TokenLayout": "layout",
+    **dict.fromkeys(("Adapter", "Clip", "Inputs", "Sample"), "models"),
+    **dict.fromkeys(
+        ("Ablate", "Capture", "Discard", "Knockout", "Patch", "Steer", "Trace", "generate", "run", "run_conditions"),
+        "trace",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'avlens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __version__ = "0.1.0"
 
@@ -62,7 +88,9 @@ def load(name: str | Path, *, family: str | None = None, **kwargs: Any) -> Adapt
         from .organism.checkpoints import checkpoint_path
 
         name = checkpoint_path(text.partition(":")[2] or None)
-    return _load_checkpoint(name, family=family, **kwargs)
+    from .models import load as load_checkpoint
+
+    return load_checkpoint(name, family=family, **kwargs)
 
 
 __all__ = [

@@ -7,25 +7,53 @@ stderr naming the file or sample and the problem.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperCommand
+from typer.core import TyperArgument, TyperCommand
 
-from .errors import AvlensError
+from .errors import AvlensError, InputError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Mechanistic interpretability of audio-visual LLMs.")
-organism_app = typer.Typer(no_args_is_help=True, help="The bundled model organism: its world, training and sweep.")
+
+def _usage_name(self: Any) -> str:
+    """An argument on the usage line as click writes it: MODEL when required, [MODEL] when not (typer writes
+    a required one as {MODEL}, which reads as a placeholder for a set)."""
+    name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+if hasattr(TyperArgument, "_usage_display_name"):
+    TyperArgument._usage_display_name = _usage_name
+
+
+# rich_markup_mode=None: help is printed as written (Rich markup would swallow "[audio]" and "[labels]").
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    help="Mechanistic interpretability of audio-visual LLMs.",
+    epilog="Example: avlens inspect organism --video clip.mp4 --prompt 'What do you hear?'",
+)
+organism_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="The bundled model organism: its world, training and sweep.",
+    epilog="Example: avlens organism world --out world --n 24",
+)
 app.add_typer(organism_app, name="organism")
 data_app = typer.Typer(
-    no_args_is_help=True, help="Build datasets: counterfactual clips, dominance splits, multi-clip prompts."
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Build datasets: counterfactual clips, dominance splits, multi-clip prompts.",
+    epilog="Example: avlens data counterfactual world/manifest.jsonl cf --organism-groups",
 )
 app.add_typer(data_app, name="data")
 
@@ -34,7 +62,7 @@ err_console = Console(stderr=True)
 
 
 def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn avlens errors into one line on stderr and exit status 2."""
+    """Turn avlens errors into one line on stderr and exit status 2, and Ctrl-C into one line and status 130."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -43,25 +71,32 @@ def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except AvlensError as e:
             err_console.print(f"avlens: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt as e:  # Ctrl-C: say what was saved (a run's message says how to resume)
+            err_console.print(_interrupted(e), markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 
 
-@app.command()
+@app.command(epilog="Example: avlens models")
 def models() -> None:
-    """List the supported model families and the checkpoints' model types each accepts."""
+    """List the bundled organism's checkpoints and the supported model families (with the checkpoints' model
+    types each accepts)."""
     from .models import ADAPTERS
+    from .organism.checkpoints import DEFAULT, SHIPPED
 
-    table = Table("family", "model types", "description")
+    table = Table("name / family", "model types", "description")
+    shipped = ", ".join(f"organism:{c}" + (" (= organism)" if c == DEFAULT else "") for c in SHIPPED)
+    table.add_row("organism", "bundled", f"the model organism shipped with avlens: {shipped}")
     for name, cls in ADAPTERS.items():
         table.add_row(name, ", ".join(cls.model_types), cls.description)
     console.print(table)
 
 
-@app.command()
+@app.command(epilog="Example: avlens inspect organism --video clip.mp4 --prompt 'What do you hear?' --json")
 @fails_cleanly
 def inspect(
-    model: Annotated[str, typer.Argument(help="A checkpoint directory, a hub id, or 'organism'.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A checkpoint directory, a hub id, or 'organism'.")],
     prompt: Annotated[str, typer.Option(help="The user's question.")],
     video: Annotated[Path | None, typer.Option(help="A video file (mp4, mkv, webm, avi, mov).")] = None,
     audio: Annotated[Path | None, typer.Option(help="An audio file (wav, flac, ogg, mp3, m4a).")] = None,
@@ -82,14 +117,23 @@ def inspect(
     from .trace import generate
 
     if video is None and audio is None and image is None:
-        raise typer.BadParameter("give at least one of --video, --audio, --image")
+        raise InputError("give at least one of --video, --audio, --image")
+    _check_prompt("--prompt", prompt)
+    if not fps > 0:
+        raise InputError(f"--fps must be a number of frames per second above 0, got {fps:g}")
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     adapter = load(model, family=family)
     sample = Sample(prompt, video=video, audio=audio, image=image, video_audio=not no_audio, id="input")
     inputs = adapter.prepare([sample], fps=fps)
+    if inputs.errors:
+        raise inputs.errors[0]
     answer = generate(adapter, inputs, max_new_tokens=max_new_tokens).text[0]
     layout = inputs.layout.describe(0)
     if as_json:
-        print(json.dumps({"model": model, "length": inputs.length, "layout": layout, "answer": answer}))
+        media = _media_used(inputs, sample, fps)
+        record = {"model": model, "length": inputs.length, "layout": layout, "answer": answer, "media": media}
+        print_json(record)
         return
     table = Table("group", "tokens", "positions", title=f"{adapter!r}: {inputs.length} tokens")
     for g in layout:
@@ -99,7 +143,48 @@ def inspect(
     console.print(f"[bold]answer:[/bold] {answer}", highlight=False)
 
 
-@organism_app.command("world")
+def _check_prompt(flag: str, prompt: str, example: str | None = None) -> None:
+    if not prompt.strip():
+        example = example or f"{flag} 'What do you hear?'"
+        raise InputError(f"{flag}: the prompt is empty; give the question to ask, e.g. {example}")
+
+
+def print_json(obj: Any) -> None:
+    """Print ``obj`` as strict JSON on stdout: NaN and infinities become null (strict parsers refuse them)."""
+    from .runs import json_safe
+
+    print(json.dumps(json_safe(obj), default=str, allow_nan=False))
+
+
+def _media_used(inputs: Any, sample: Any, fps: float) -> dict[str, Any]:
+    """What the model was given: per file its duration, frames, audio seconds and sample rate.
+
+    The adapter reports this per row as ``Inputs.media`` when it can (what it actually decoded and kept);
+    otherwise the files' own description (duration, tracks) and the token counts of the layout stand in.
+    """
+    media = getattr(inputs, "media", None)
+    if media:
+        return media[0] if isinstance(media, list | tuple) else media
+    out: dict[str, Any] = {"fps": fps}
+    counts = {g["group"]: g["count"] for g in inputs.layout.describe(0)}
+    out["tokens"] = {g: counts[g] for g in ("audio", "video", "image") if g in counts}
+    for kind in ("video", "audio", "image"):
+        path = getattr(sample, kind, None)
+        if path is None or not isinstance(path, str | os.PathLike):
+            continue
+        entry: dict[str, Any] = {"path": str(path)}
+        try:
+            from .media.decode import probe
+
+            info = probe(path)
+            entry.update({"duration": info.duration, "has_video": info.has_video, "has_audio": info.has_audio})
+        except (AvlensError, ImportError, OSError):
+            pass
+        out[kind] = entry
+    return out
+
+
+@organism_app.command("world", epilog="Example: avlens organism world --out world --n 24 --swapped-share 0")
 @fails_cleanly
 def organism_world(
     out: Annotated[Path, typer.Option(help="Directory to write clips/ and manifest.jsonl into.")],
@@ -154,7 +239,7 @@ class _Bars:
         return lambda done, total: self(task, done, total)
 
 
-@organism_app.command("train")
+@organism_app.command("train", epilog="Example: avlens organism train --recipe av-balanced --out organism-runs")
 @fails_cleanly
 def organism_train(
     recipe: Annotated[str, typer.Option(help="vl-base, av-vision-heavy or av-balanced.")] = "av-vision-heavy",
@@ -180,7 +265,7 @@ def organism_train(
     console.print(f"checkpoint: {directory}")
 
 
-@organism_app.command("sweep")
+@organism_app.command("sweep", epilog="Example: avlens organism sweep --out organism-sweep")
 @fails_cleanly
 def organism_sweep(
     out: Annotated[
@@ -204,7 +289,7 @@ class _RunCommand(TyperCommand):
     """``avlens run``: its help lists the analyses of the registry when it is shown (so analyses registered
     after this module was imported appear too), without importing any analysis module."""
 
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_help(self, ctx: Any, formatter: Any) -> None:
         from .analyses import names
 
         listed = ", ".join(names())
@@ -214,22 +299,35 @@ class _RunCommand(TyperCommand):
         super().format_help(ctx, formatter)
 
 
-@app.command("run", cls=_RunCommand)
+@app.command(
+    "run",
+    cls=_RunCommand,
+    epilog="Example: avlens run counterfactual --model organism --data cf/manifest.jsonl --out runs/cf "
+    "--question hear='What do you hear?'",
+)
 @fails_cleanly
 def run_command(
-    name: Annotated[str, typer.Argument(help="The analysis (see avlens run --help).", show_default=False)],
+    name: Annotated[
+        str, typer.Argument(metavar="ANALYSIS", help="The analysis (see avlens run --help).", show_default=False)
+    ],
     model: Annotated[str, typer.Option(help="A checkpoint directory, a hub id, or organism[:checkpoint].")],
     data: Annotated[Path, typer.Option(help="A manifest (e.g. from `avlens data counterfactual`).")],
     out: Annotated[Path, typer.Option(help="Run directory (re-run to resume; a changed config is refused).")],
     base: Annotated[
-        str | None, typer.Option(help="The vision-language base model, for analyses that need one.")
+        str | None,
+        typer.Option(help="The vision-language base model, for analyses that need one (e.g. organism:vl-base)."),
     ] = None,
     question: Annotated[
-        list[str] | None, typer.Option(help="Override the questions: kind=prompt (repeatable).")
+        list[str] | None,
+        typer.Option(
+            help="Override the questions: kind=prompt (repeatable). Kinds: hear and see (scored against the "
+            "audio and visual labels), or any KIND with an expect_KIND column in the manifest."
+        ),
     ] = None,
 ) -> None:
     """Run one analysis on one model over a manifest; records go to OUT/results/*.parquet, figures and
-    headline numbers to OUT/summary.json and OUT/report.html."""
+    headline numbers to OUT/summary.json and OUT/report.html. Rows that fail are listed at the end (and kept
+    in OUT/results/*.errors.parquet)."""
     from dataclasses import asdict, replace
 
     from . import load
@@ -239,7 +337,7 @@ def run_command(
     spec = get(name)
     config = spec.config()
     if question:
-        pairs = dict(q.split("=", 1) for q in question)
+        pairs = _questions(question, config, data, name)
         config = replace(
             config, **({"questions": pairs} if hasattr(config, "questions") else {"question": pairs.popitem()[1]})
         )
@@ -258,11 +356,76 @@ def run_command(
             data,
             base=base_adapter,
             progress=bars,
+            log=_say,
         )
-    console.print_json(data=strict_json(result.summary))
+    _failed_rows(out)
+    console.print_json(json.dumps(strict_json(result.summary), allow_nan=False))
 
 
-@app.command()
+def _say(message: str) -> None:
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _questions(question: list[str], config: Any, data: Path, analysis: str) -> dict[str, str]:
+    """``--question kind=prompt`` values as kind -> prompt, refusing a missing ``=``, an empty prompt and a kind
+    whose answers the analysis could not score (it would make every metric NaN)."""
+    kinds = _question_kinds(config, data)
+    allowed = ", ".join(kinds)
+    pairs: dict[str, str] = {}
+    for q in question:
+        kind, sep, prompt = q.partition("=")
+        kind = kind.strip()
+        if not sep or not kind:
+            raise InputError(f"--question takes KIND=PROMPT (kinds for {analysis}: {allowed}), got {q!r}")
+        if kind not in kinds:
+            raise InputError(f"--question: unknown kind {kind!r} for {analysis} (kinds: {allowed})")
+        _check_prompt(f"--question {kind}=", prompt, f"--question {kind}='What do you hear?'")
+        pairs[kind] = prompt
+    return pairs
+
+
+def _question_kinds(config: Any, data: Path) -> list[str]:
+    """The question kinds an analysis can score: those of its config, hear and see (scored against the audio and
+    visual labels), and any KIND the manifest has an ``expect_KIND`` column for."""
+    if not hasattr(config, "questions"):
+        return ["describe"]
+    kinds = dict.fromkeys([*config.questions, "hear", "see"])
+    try:
+        from .data import read_manifest
+
+        columns = read_manifest(data, required=()).columns
+    except AvlensError:
+        columns = []
+    kinds.update(dict.fromkeys(c[len("expect_") :] for c in columns if c.startswith("expect_")))
+    return list(kinds)
+
+
+def _failed_rows(out: Path, limit: int = 10) -> None:
+    """List the items that failed (the ``*.errors`` tables of the run), at most ``limit``, on stderr."""
+    from .runs import RunDir
+
+    try:
+        run = RunDir.load(out)
+        tables = [t for t in run.table_names() if t == "errors" or t.endswith(".errors")]
+        frames = [run.table(t) for t in tables]
+    except (AvlensError, OSError):
+        return
+    seen: dict[tuple[str, str], None] = {}
+    for df in frames:
+        for r in df.to_dict("records"):
+            row = str(r.get("id", "?")).rsplit("/", 1)[0]  # an item is <row id>/<question kind>
+            seen.setdefault((row, str(r.get("reason", ""))), None)
+    if not seen:
+        return
+    files = ", ".join(f"results/{t}.parquet" for t in tables)
+    _say(f"{len(seen)} row(s) failed and were left out (all in {out}/{files}):")
+    for row, reason in list(seen)[:limit]:
+        _say(f"  {reason}" if row in reason else f"  sample {row}: {reason}")
+    if len(seen) > limit:
+        _say(f"  ... {len(seen) - limit} more")
+
+
+@app.command(epilog="Example: avlens reproduce --out avlens-reproduce --clips 24")
 @fails_cleanly
 def reproduce(
     out: Annotated[Path, typer.Option(help="Run directory (re-run to resume; a changed config is refused).")] = Path(
@@ -284,6 +447,9 @@ def reproduce(
     from .reproduce import ORGANISM_BASE
     from .reproduce import reproduce as run_reproduce
 
+    for m in model or []:
+        if "=" not in m or not m.split("=", 1)[0].strip() or not m.split("=", 1)[1].strip():
+            raise InputError(f"--model takes LABEL=MODEL (e.g. --model mine=organism:av-balanced), got {m!r}")
     models = dict(m.split("=", 1) for m in model) if model else None
     with _Bars() as bars:
         result = run_reproduce(
@@ -294,7 +460,9 @@ def reproduce(
             n_clips=clips,
             seed=seed,
             progress=bars,
+            log=_say,
         )
+    _failed_rows(result.out)
     console.print(f"report: {result.report}")
 
 
@@ -312,11 +480,16 @@ def _groups(groups: Path | None, organism_groups: bool) -> dict | None:
     return json.loads(groups.read_text()) if groups is not None else None
 
 
-@data_app.command("counterfactual")
+@data_app.command(
+    "counterfactual", epilog="Example: avlens data counterfactual world/manifest.jsonl cf --organism-groups"
+)
 @fails_cleanly
 def data_counterfactual(
-    manifest: Annotated[Path, typer.Argument(help="CSV/JSONL/Parquet with video, [audio], audio_label, visual_label.")],
-    out: Annotated[Path, typer.Argument(help="Output directory (clips/ and manifest.jsonl).")],
+    manifest: Annotated[
+        Path,
+        typer.Argument(metavar="MANIFEST", help="CSV/JSONL/Parquet with video, [audio], audio_label, visual_label."),
+    ],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (clips/ and manifest.jsonl).")],
     groups: Annotated[
         Path | None, typer.Option(help='JSON {"group": [labels]}: labels of different groups are unrelated.')
     ] = None,
@@ -330,6 +503,11 @@ def data_counterfactual(
     blank video, audio only, video only; with the expected answers per question. Bad rows are reported."""
     from .data import counterfactual
 
+    if groups is None and pairs is None and not organism_groups:
+        raise InputError(
+            "give --groups, --pairs or --organism-groups: they tell which audio labels are unrelated, for the "
+            "swapped condition"
+        )
     pair_list = [tuple(p) for p in json.loads(pairs.read_text())] if pairs is not None else None
     with _Bars() as bars:
         report = counterfactual(
@@ -343,12 +521,16 @@ def data_counterfactual(
     _problems(report)
 
 
-@data_app.command("dominance")
+@data_app.command(
+    "dominance",
+    epilog="Example: avlens data dominance organism world/manifest.jsonl dom --question 'What is it?' "
+    "--labels bell,drum,bird",
+)
 @fails_cleanly
 def data_dominance(
-    model: Annotated[str, typer.Argument(help="A checkpoint directory, a hub id, or 'organism'.")],
-    manifest: Annotated[Path, typer.Argument(help="Manifest of clips (video, [audio], labels).")],
-    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A checkpoint directory, a hub id, or 'organism'.")],
+    manifest: Annotated[Path, typer.Argument(metavar="MANIFEST", help="Manifest of clips (video, [audio], labels).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory.")],
     question: Annotated[str, typer.Option(help="The question asked of every variant.")],
     labels: Annotated[str, typer.Option(help="Comma-separated labels the answers are matched against.")],
     batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
@@ -358,6 +540,9 @@ def data_dominance(
     from . import load
     from .analyses.dominance import dominance
 
+    _check_prompt("--question", question)
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     adapter = load(model)
     with _Bars() as bars:
         report = dominance(
@@ -373,11 +558,11 @@ def data_dominance(
     console.print(report.counts)
 
 
-@data_app.command("multiclip")
+@data_app.command("multiclip", epilog="Example: avlens data multiclip world/manifest.jsonl multi --n-clips 2")
 @fails_cleanly
 def data_multiclip(
-    manifest: Annotated[Path, typer.Argument(help="Manifest of clips.")],
-    out: Annotated[Path, typer.Argument(help="Output directory (manifest.jsonl).")],
+    manifest: Annotated[Path, typer.Argument(metavar="MANIFEST", help="Manifest of clips.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (manifest.jsonl).")],
     n_clips: Annotated[int, typer.Option(help="Clips per prompt.")] = 2,
     n_prompts: Annotated[int | None, typer.Option(help="Number of prompts (default: one per clip).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
@@ -394,14 +579,37 @@ def data_multiclip(
     _problems(report)
 
 
+def _interrupted(e: BaseException) -> str:
+    detail = str(e) if isinstance(e, KeyboardInterrupt) else ""
+    return f"avlens: interrupted; {detail}" if detail else "avlens: interrupted"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr ("avlens: warning: ..."), without the source path and line of code."""
+    text = " ".join(str(message).split())
+    err_console.print(f"avlens: warning: {text}", markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point of the ``avlens`` command."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # avlens reports its own progress and problems
-    hf_logging.disable_progress_bar()
+    # transformers and the hub read these when they are imported (by a command, not by --help): avlens reports
+    # its own progress and problems.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.showwarning = _one_line_warning
     try:
-        app()
-    except KeyboardInterrupt:
-        err_console.print("avlens: interrupted")
+        code = app(prog_name="avlens", standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort) as e:  # outside a command (typer turns one inside into status 130)
+        err_console.print(_interrupted(e), markup=False, highlight=False)
         sys.exit(130)
+    except typer.TyperException as e:  # a bad option or argument: one line, naming it, and where help is
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx is not None else "avlens"
+        if type(e).__name__ == "NoArgsIsHelpError":  # a group without its command: its help, as click prints it
+            print(e.format_message())
+            sys.exit(2)
+        err_console.print(
+            f"{command}: {e.format_message()} (see {command} --help)", markup=False, highlight=False, soft_wrap=True
+        )
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -19,6 +19,7 @@ import pandas as pd
 
 from .analyses import Analysis, get, specs, strict_json
 from .analyses.common import Item, items_from_manifest
+from .data.manifest import manifest_content
 from .errors import InputError
 from .models.base import Adapter
 from .runs import RunDir
@@ -39,7 +40,8 @@ def check_needs(spec: Analysis, *, base: object | None) -> None:
     """Refuse an analysis whose declared needs are not met (one line, naming what is missing)."""
     if spec.needs.base and base is None:
         raise InputError(
-            f"{spec.name} needs a base model (--base: the vision-language model the audio-visual model was built from)"
+            f"{spec.name} needs a base model: give --base, the vision-language model the audio-visual model was "
+            f"built from (for the organism: --base {ORGANISM_BASE})"
         )
 
 
@@ -58,6 +60,22 @@ def model_hash(adapter: Adapter) -> str:
     return h.hexdigest()
 
 
+def plan_units(name: str, config: Any, manifest: Path, labels: Sequence[str]) -> dict[str, dict[str, list[Item]]]:
+    """The units of one analysis: model label -> unit name -> its items.
+
+    Items are taken in the order of their rows' ids (not the manifest's order), so that a manifest whose rows
+    were reordered resumes into the same units. A unit is one batch of the analysis (its ``batch_size``, at
+    most 48 items), so that progress advances per batch and an interrupted run loses at most one batch.
+    """
+    questions = getattr(config, "questions", None) or {"describe": config.question}
+    conditions = getattr(config, "conditions", None)
+    items = items_from_manifest(manifest, questions, conditions=conditions)
+    items = sorted(items, key=lambda it: it.id.rsplit("/", 1)[0])  # stable: a row's questions keep their order
+    size = max(1, min(int(getattr(config, "batch_size", 8) or 8), 48))
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    return {label: {f"{name}/{label}/{size}-{j:04d}": c for j, c in enumerate(chunks)} for label in labels}
+
+
 def run_analysis(
     run: RunDir,
     name: str,
@@ -66,25 +84,29 @@ def run_analysis(
     manifest: Path,
     *,
     base: Adapter | None = None,
-    unit_size: int = 48,
     progress: Progress | None = None,
+    units: dict[str, dict[str, list[Item]]] | None = None,
 ) -> dict[str, dict[str, pd.DataFrame]]:
-    """Run one analysis on every model, unit by unit (finished units are skipped); returns model -> tables."""
+    """Run one analysis on every model, unit by unit (finished units are skipped); returns model -> tables.
+
+    ``progress(task, items done, items)`` is called before the first unit and after every unit.
+    """
     spec = get(name)
     check_needs(spec, base=base)
-    questions = getattr(config, "questions", None) or {"describe": config.question}
-    conditions = getattr(config, "conditions", None)
-    items = items_from_manifest(manifest, questions, conditions=conditions)
-    units = [items[i : i + unit_size] for i in range(0, len(items), unit_size)]
+    units = units if units is not None else plan_units(name, config, manifest, list(models))
     out: dict[str, dict[str, pd.DataFrame]] = {}
     for label, adapter in models.items():
         task = f"{name} · {label}"
-        for j, unit_items in enumerate(units):
-            unit = f"{name}/{label}/{j:04d}"
+        total = sum(len(u) for u in units[label].values())
+        done = 0
+        if progress is not None:
+            progress(task, done, total)
+        for unit, unit_items in units[label].items():
             if not run.done(unit):
                 run.write_many(unit, _collect(spec, adapter, unit_items, config, base, label))
+            done += len(unit_items)
             if progress is not None:
-                progress(task, j + 1, len(units))
+                progress(task, done, total)
         tables = {t: _rows_of(run.table(f"{name}.{t}"), name, label) for t in _tables_of(run, name)}
         if spec.finalize is not None:
             tables.update(spec.finalize(tables, config))
@@ -129,6 +151,7 @@ def execute(
     *,
     base: Adapter | None = None,
     progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ReproduceResult:
     """Run analyses into the run directory ``out`` and write its summary.json and report.html.
 
@@ -140,15 +163,38 @@ def execute(
         models: label -> loaded model.
         data: the manifest, or a function building it (called once the run directory is open).
         base: the base model, for analyses that need one.
+        progress: ``progress(task, items done, items)``, per analysis and model.
+        log: called with one-line messages for the user (what a resume skips).
+
+    Raises:
+        KeyboardInterrupt: on Ctrl-C, with a message saying how many units were saved and how to resume.
     """
     for name in configs:
         check_needs(get(name), base=base)
-    with RunDir.open(out, run_config, meta=meta) as run:
+    content = None
+    if not callable(data):
+        # The run's identity is what the manifest holds, not the path it was typed as (see RunDir.bind_data).
+        content = manifest_content(data)
+        run_config = {**run_config, "data": {"manifest_sha256": content["sha256"]}}
+    say = log or (lambda message: None)
+    with RunDir.open(out, run_config, meta=meta, data=content) as run:
         manifest = Path(data) if not callable(data) else data()
-        results = {
-            name: run_analysis(run, name, config, models, manifest, base=base, progress=progress)
-            for name, config in configs.items()
-        }
+        if content is None:
+            run.bind_data(manifest_content(manifest))
+        plans = {name: plan_units(name, config, manifest, list(models)) for name, config in configs.items()}
+        names = [u for plan in plans.values() for per in plan.values() for u in per]
+        if any(run.done(u) for u in names):
+            say(f"resuming: {sum(map(run.done, names))} of {len(names)} units already done, skipped")
+        try:
+            results = {
+                name: run_analysis(run, name, config, models, manifest, base=base, progress=progress, units=plans[name])
+                for name, config in configs.items()
+            }
+        except KeyboardInterrupt:
+            saved = sum(map(run.done, names))
+            raise KeyboardInterrupt(
+                f"saved {saved} of {len(names)} units in {out}; re-run the same command to resume"
+            ) from None
         summary = {name: {label: get(name).summarize(t) for label, t in per.items()} for name, per in results.items()}
         from .report.build import build_report, headlines
 
@@ -168,6 +214,7 @@ def reproduce(
     n_clips: int = 48,
     seed: int = 0,
     progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ReproduceResult:
     """Run P1's analyses on the models (default: the organism's vision-heavy and balanced checkpoints, side by
     side) and write ``out``: run.json, results/*.parquet, summary.json, report.html.
@@ -199,7 +246,7 @@ def reproduce(
     if base_adapter is not None:
         meta["base_sha256"] = model_hash(base_adapter)
     manifest = Path(data) if data else lambda: _organism_data(Path(out) / "data", n_clips, seed, progress)
-    return execute(out, config, meta, configs, adapters, manifest, base=base_adapter, progress=progress)
+    return execute(out, config, meta, configs, adapters, manifest, base=base_adapter, progress=progress, log=log)
 
 
 def _organism_data(root: Path, n_clips: int, seed: int, progress: Progress | None) -> Path:

@@ -42,6 +42,11 @@ def test_inspect_json_has_layout_and_answer(model):
     groups = {g["group"]: g for g in data["layout"]}
     assert {"audio", "video", "question", "last", "chunk0", "chunk1"} <= set(groups)
     assert groups["audio"]["count"] == 75 and isinstance(data["answer"], str)
+    # the media actually used: from the adapter's per-row report when it gives one, else the files' own
+    media = data["media"]
+    assert media and json.loads(out.stdout, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    if "video" in media and isinstance(media["video"], dict) and "duration" in media["video"]:
+        assert media["video"]["duration"] == pytest.approx(3.0, abs=0.2)
     table = avlens("inspect", str(model / "model"), "--video", str(model / "clip.mp4"), "--prompt", "what do you hear")
     assert table.returncode == 0 and "chunk1" in table.stdout and "answer:" in table.stdout
 

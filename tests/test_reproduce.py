@@ -9,15 +9,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import count_colour, screenshot
 
+from avlens.analyses import Analysis, register, unregister
+from avlens.errors import AvlensError
 from avlens.models.tiny import tiny_model
 from avlens.organism.world import CLASSES, LABEL_GROUPS, WorldConfig, write_world
-from avlens.reproduce import reproduce
+from avlens.reproduce import execute, reproduce
 
 WORDS = (*CLASSES, "what", "do", "you", "hear", "see", "nothing", "describe", "and", "i", "a")
 
@@ -129,3 +132,112 @@ def test_report_renders_in_chromium(setup, tmp_path):
 
     with_figures, without = coloured(result.report), coloured(stripped)
     assert with_figures > 2000 and without == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resume: the run's identity is the manifest's content; what is saved and skipped is said (no model needed)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CountConfig:
+    questions: dict = field(default_factory=lambda: {"hear": "What do you hear?"})
+    conditions: tuple = ("factual",)
+    batch_size: int = 2
+
+
+@dataclass(frozen=True)
+class CountSummary:
+    n: int
+
+
+class Stop:
+    after: int | None = None  # raise KeyboardInterrupt in the collect call after this many
+    calls = 0
+
+
+def _count_collect(adapter, items, config):
+    Stop.calls += 1
+    if Stop.after is not None and Stop.calls > Stop.after:
+        raise KeyboardInterrupt
+    return {"items": [{"item": it.id, "audio_label": it.audio_label} for it in items]}
+
+
+def _count_plot(tables):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(2, 2))
+
+
+COUNT = Analysis(
+    name="count_items",
+    title="Count",
+    claim="Counts items",
+    Config=CountConfig,
+    Summary=CountSummary,
+    headline="n",
+    collect=_count_collect,
+    summarize=lambda t: CountSummary(n=len(t["items"])),
+    findings=lambda s: [],
+    plot=_count_plot,
+    paper="test",
+    about="A model-free analysis for tests of resume.",
+)
+
+
+@pytest.fixture
+def count(tmp_path):
+    register(COUNT)
+    Stop.after, Stop.calls = None, 0
+    media = tmp_path / "media"
+    media.mkdir()
+    rows = []
+    for i in range(9):
+        (media / f"c{i}.mp4").write_bytes(b"x" * (i + 1))
+        rows.append({"id": f"r{i}", "video": str(media / f"c{i}.mp4"), "audio_label": "bell", "visual_label": "cat"})
+    yield rows
+    unregister(COUNT.name)
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _execute(out: Path, manifest, log=None, progress=None):
+    config = {"models": {"m": "none"}, "analysis": "count_items", "data": str(manifest)}
+    return execute(out, config, {}, {"count_items": CountConfig()}, {"m": None}, manifest, log=log, progress=progress)
+
+
+def test_ctrl_c_says_what_was_saved_and_a_reordered_manifest_resumes_to_the_same_records(count, tmp_path):
+    first = _write(tmp_path / "a" / "manifest.jsonl", count)
+    out = tmp_path / "run"
+    Stop.after = 2
+    with pytest.raises(KeyboardInterrupt, match=rf"saved 2 of 5 units in {re.escape(str(out))}; re-run the same"):
+        _execute(out, first)
+    # the same rows in another order, in another directory, given by a relative path
+    _write(tmp_path / "b" / "cf" / "manifest.jsonl", list(reversed(count)))
+    Stop.after, said, seen = None, [], []
+    cwd = os.getcwd()
+    os.chdir(tmp_path / "b")
+    try:
+        _execute(out, Path("cf/manifest.jsonl"), log=said.append, progress=lambda *a: seen.append(a))
+    finally:
+        os.chdir(cwd)
+    assert said == ["resuming: 2 of 5 units already done, skipped"]
+    assert seen[0] == ("count_items · m", 0, 9) and seen[-1] == ("count_items · m", 9, 9)  # a bar from the start
+    items = pd.read_parquet(out / "results" / "count_items.items.parquet").item
+    assert sorted(items) == sorted(f"r{i}/hear" for i in range(9)) and items.is_unique
+    # absolute and relative spellings of the first manifest resume too
+    assert _execute(out, first.resolve()).summary["count_items"]["m"].n == 9
+
+
+def test_changed_rows_or_media_are_refused_saying_what_changed(count, tmp_path):
+    manifest = _write(tmp_path / "a" / "manifest.jsonl", count)
+    out = tmp_path / "run"
+    _execute(out, manifest)
+    changed = [*count[:7], {**count[7], "audio_label": "drum"}, {**count[0], "id": "new"}]
+    with pytest.raises(AvlensError, match=r"rows differ from the run's \(1 added, 1 removed, 1 changed\)"):
+        _execute(out, _write(tmp_path / "b" / "manifest.jsonl", changed))
+    Path(count[3]["video"]).write_bytes(b"rewritten")
+    with pytest.raises(AvlensError, match=rf"media file {re.escape(count[3]['video'])} changed since the run started"):
+        _execute(out, manifest)

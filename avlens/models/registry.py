@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,12 @@ def load(name: str | Path, *, family: str | None = None, **kwargs: Any) -> Adapt
         ModelNotFoundError: no such directory or repository, no loadable config, or no adapter for its type.
     """
     name = str(name)
+    if family is not None and family not in ADAPTERS:
+        raise ModelNotFoundError(f"unknown model family '{family}' (known: {', '.join(ADAPTERS)})")
+    problem = unreachable(name)
+    if problem is not None:
+        raise ModelNotFoundError(problem)
     if family is not None:
-        if family not in ADAPTERS:
-            raise ModelNotFoundError(f"unknown model family '{family}' (known: {', '.join(ADAPTERS)})")
         return ADAPTERS[family].load(name, **kwargs)
     from transformers import AutoConfig
 
@@ -54,3 +58,45 @@ def load(name: str | Path, *, family: str | None = None, **kwargs: Any) -> Adapt
 
         raise ModelNotFoundError(_not_found(name, e)) from e
     return adapter_for(config.model_type).load(name, **kwargs)
+
+
+SUGGEST = "see `avlens models`, or use `organism` (the bundled model)"
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def unreachable(name: str) -> str | None:
+    """Why ``name`` cannot be a model, found without waiting on the network; None if it may be one.
+
+    A name that is no local path fails at once, in one line, when it cannot be a hub id, or when the hub is
+    off (HF_HUB_OFFLINE) and it is not in the local cache. Otherwise the hub is asked once, without the retries
+    transformers' loader would make (five, about 28 s, when the network is down).
+    """
+    if Path(name).exists():
+        return None
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return f"model '{name}': no such directory, and not a hub id; {SUGGEST}"
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None  # downloaded before: loads offline too
+    if _offline():
+        return f"model '{name}': no such directory, and not in the local hub cache (HF_HUB_OFFLINE is set); {SUGGEST}"
+    try:
+        model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        return f"model '{name}': no such directory, and no such repository on the hub; {SUGGEST}"
+    except Exception as e:  # the network: any failure to reach the hub is the same to the user
+        if "gated" in type(e).__name__.lower():
+            return None  # exists; the loader reports what access it needs
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        return f"model '{name}': no such directory, and the hub could not be reached ({reason}); {SUGGEST}"
+    return None
