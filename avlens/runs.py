@@ -256,7 +256,7 @@ class RunDir:
         path.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(path)
         try:
-            info = cls._start_or_resume(path, config, meta)
+            info = cls._start_or_resume(path, config, meta, data)
             run = cls(path, info, lock_fd)
             if data is not None:
                 run.bind_data(data)
@@ -280,7 +280,7 @@ class RunDir:
         return cls(path, json.loads(info_path.read_text()), None)
 
     @staticmethod
-    def _start_or_resume(path: Path, config: dict, meta: dict | None) -> dict:
+    def _start_or_resume(path: Path, config: dict, meta: dict | None, data: dict | None = None) -> dict:
         info_path = path / "run.json"
         new_hash = config_hash(config)
         versions = _versions()
@@ -299,6 +299,10 @@ class RunDir:
             return info
 
         info = json.loads(info_path.read_text())
+        # The data first: its digest is part of the config, but what changed in it is worth saying in words.
+        change = data_change(info["data"], data) if data is not None and info.get("data") is not None else None
+        if change is not None:
+            raise AvlensError(f"{path}: {change}. Use another --out, or delete the directory to start again.")
         if info["config_hash"] != new_hash:
             old, new = info["config"], json.loads(_canonical_json(config))
             keys = sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
