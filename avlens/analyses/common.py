@@ -4,7 +4,17 @@ What an analysis is (its spec, Config, typed Summary, collect / finalize / summa
 in :mod:`avlens.analyses.base`; how to add one in :mod:`avlens.analyses`.
 
 Items come from a manifest: the output of ``avlens data counterfactual`` (one row per clip and condition, with
-the expected answers), or any manifest with ``video`` / ``audio`` and labels (all rows "factual").
+the expected answers), or any manifest with ``video`` / ``audio`` / ``image`` (or multi-clip ``clips``) and
+labels (all rows "factual"). The manifest is read and checked by :func:`avlens.data.read_manifest`, the one
+reader of every command: one without a media column is refused there.
+
+What a question's right answer is (``Item.expected``): the row's ``expect_<kind>`` value if it has one; else,
+for "hear" / "see", the row's ``audio_label`` / ``visual_label``; else "nothing" only where the condition says
+nothing is heard (muted, video_only) / seen (blank_video, audio_only); else unknown: ``None``, which every
+analysis scores as not applicable (``correct`` None, ``p_expected`` NaN), never as a wrong "nothing". A row
+without any media fails (it would otherwise be asked text-only): its items carry the reason in
+``Item.problem`` and :func:`batches` reports them with the failed inputs, as (id, condition, file, reason)
+rows of the analysis's ``errors`` table, which a run lists at its end.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from ..errors import InputError
-from ..models.base import Adapter, Inputs, Sample
+from ..models.base import Adapter, Clip, Inputs, Sample
 
 NOTHING = "nothing"
 AV_CONDITIONS = ("factual", "swapped", "muted", "blank_video")
@@ -34,7 +44,9 @@ class Item:
         condition: factual, swapped, muted, blank_video, audio_only or video_only.
         kind: the question's key in the config's questions ("hear", "see", "describe"...).
         audio_label / visual_label: what is heard / seen (None when nothing is).
-        expected: the right answer to this question (a label or "nothing"; None for free-form questions).
+        expected: the right answer to this question (a label or "nothing"; None when unknown: a free-form
+            question or an unlabelled row; see the module docstring).
+        problem: why the item cannot be asked (None when it can): :func:`batches` reports it as failed.
     """
 
     id: str
@@ -44,6 +56,7 @@ class Item:
     audio_label: str | None
     visual_label: str | None
     expected: str | None
+    problem: str | None = None
 
     def record(self, **fields: Any) -> dict[str, Any]:
         """A record about this item: its id, the manifest row (``clip``), condition, question and labels, then
@@ -61,8 +74,13 @@ class Item:
 
     @property
     def layout(self) -> str:
-        """Items of one layout can share a batch (an audio-visual clip, audio alone, video alone)."""
+        """Items of one layout can share a batch (an audio-visual clip, audio alone, video alone, an image, several
+        clips)."""
         s = self.sample
+        if s.clips is not None:
+            return f"clips{len(s.clips)}"
+        if s.image is not None:
+            return "i"
         if s.video is not None and s.video_audio:
             return "av"
         return "v" if s.video is not None else "a"
@@ -71,6 +89,39 @@ class Item:
 def _value(row: Mapping[str, Any], key: str) -> Any:
     v = row.get(key)
     return None if v is None or (isinstance(v, float) and v != v) else v
+
+
+# Conditions whose clip has no sound / no picture: there, "nothing" is the right answer to hear / see.
+_SILENT = ("muted", "video_only")
+_UNSEEN = ("blank_video", "audio_only")
+
+
+def expected_answer(row: Mapping[str, Any], kind: str, condition: str) -> str | None:
+    """The right answer to question ``kind`` about a manifest row (None: unknown; see the module docstring)."""
+    expected = _value(row, f"expect_{kind}")
+    if expected is not None or kind not in ("hear", "see"):
+        return expected
+    label = _value(row, "audio_label" if kind == "hear" else "visual_label")
+    if label is not None:
+        return label
+    return NOTHING if condition in (_SILENT if kind == "hear" else _UNSEEN) else None
+
+
+def _sample(row: Mapping[str, Any], prompt: str, condition: str) -> tuple[Sample, str | None]:
+    """The sample of a row for one prompt, and why it cannot be asked (None when it can)."""
+    video, audio, image = _value(row, "video"), _value(row, "audio"), _value(row, "image")
+    clips = _value(row, "clips")
+    if clips is not None and len(clips):
+        return Sample(prompt, clips=[Clip(video=c.get("video"), audio=c.get("audio")) for c in clips]), None
+    if video is None and audio is None and image is None:
+        return Sample(prompt), "the row has no media (its video, audio and image are empty)"
+    if image is not None:
+        return Sample(prompt, image=image, audio=audio), None
+    if condition == "audio_only" or video is None:
+        return Sample(prompt, audio=audio), None if audio is not None else "an audio_only row without audio"
+    if condition == "video_only":
+        return Sample(prompt, video=video, video_audio=False), None
+    return Sample(prompt, video=video), None  # the video plays its own track, as a user's mp4 does
 
 
 def items_from_manifest(
@@ -87,10 +138,21 @@ def items_from_manifest(
         questions: question kind -> prompt, e.g. {"hear": "What do you hear?", "see": "What do you see?"}.
         conditions: keep these conditions only (rows without a condition column are "factual").
         limit: at most this many rows per condition (the first ones, in manifest order).
-    """
-    from ..data import read_manifest
 
-    df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest, required=())
+    Returns:
+        the items, rows without media included (with their ``problem``: :func:`batches` reports them).
+
+    Raises:
+        InputError: an unreadable manifest, one without a media column (:func:`avlens.data.check_columns`), or
+            no row of the conditions asked (the message names the file and the conditions it has).
+    """
+    from ..data.manifest import check_columns, read_manifest
+
+    if isinstance(manifest, pd.DataFrame):
+        df = manifest
+        check_columns(df, (), path=df.attrs.get("path"))
+    else:
+        df = read_manifest(manifest, required=())
     out: list[Item] = []
     taken: dict[str, int] = {}
     for row in df.to_dict("records"):
@@ -100,32 +162,38 @@ def items_from_manifest(
         if limit is not None and taken.get(cond, 0) >= limit:
             continue
         taken[cond] = taken.get(cond, 0) + 1
-        video, audio = _value(row, "video"), _value(row, "audio")
         heard, seen = _value(row, "audio_label"), _value(row, "visual_label")
         for kind, prompt in questions.items():
-            if cond == "audio_only" or video is None:
-                sample = Sample(prompt, audio=audio)
-            elif cond == "video_only":
-                sample = Sample(prompt, video=video, video_audio=False)
-            else:  # the video plays its own track, as a user's mp4 does
-                sample = Sample(prompt, video=video)
+            sample, problem = _sample(row, prompt, cond)
             sample.id = f"{row['id']}/{kind}"
-            expected = _value(row, f"expect_{kind}")
-            if expected is None and kind in ("hear", "see"):
-                expected = (heard if kind == "hear" else seen) or NOTHING
-            out.append(Item(sample.id, sample, cond, kind, heard, seen, expected))
+            expected = expected_answer(row, kind, cond)
+            out.append(Item(sample.id, sample, cond, kind, heard, seen, expected, problem))
     if not out:
-        raise InputError("the manifest gives no item for these conditions and questions")
+        where = df.attrs.get("path")
+        has = sorted({_value(r, "condition") or "factual" for r in df.to_dict("records")})
+        asked = ", ".join(conditions) if conditions is not None else "any"
+        if not questions:
+            raise InputError("no questions to ask", path=where)
+        raise InputError(
+            f"no row of the conditions asked ({asked}); the manifest has: {', '.join(has)} "
+            "(build the others with `avlens data counterfactual`)",
+            path=where,
+        )
     return out
 
 
 def batches(
     adapter: Adapter, items: Sequence[Item], batch_size: int, errors: list[dict] | None = None, **options: Any
 ) -> Iterator[tuple[list[Item], Inputs]]:
-    """Batches of items of one layout with their inputs; items that cannot be built go to ``errors``
-    (one dict each: id, condition, reason) and the rest of their batch goes on."""
+    """Batches of items of one layout with their inputs; items that cannot be built (or have a ``problem``) go
+    to ``errors`` (one dict each: id, condition, file (the media file at fault, or None), reason) and the rest of
+    their batch goes on."""
     by_layout: dict[tuple[str, str], list[Item]] = {}
     for it in items:
+        if it.problem is not None:
+            if errors is not None:
+                errors.append({"id": it.id, "condition": it.condition, "file": None, "reason": it.problem})
+            continue
         by_layout.setdefault((it.layout, it.kind), []).append(it)
     for group in by_layout.values():
         for s in range(0, len(group), batch_size):
@@ -139,7 +207,8 @@ def batches(
                 failed = {e.sample: e for e in inputs.errors}
             for it in chunk:
                 if it.id in failed and errors is not None:
-                    errors.append({"id": it.id, "condition": it.condition, "reason": str(failed[it.id])})
+                    e = failed[it.id]
+                    errors.append({"id": it.id, "condition": it.condition, "file": e.path, "reason": str(e)})
             if inputs is not None:
                 kept = {s.id for s in inputs.samples}
                 yield [it for it in chunk if it.id in kept], inputs

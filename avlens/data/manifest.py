@@ -7,9 +7,13 @@ A manifest has one row per clip with the columns
 - ``audio``: optional, a separate audio file for the clip (used instead of the video's own track),
 - ``audio_label``, ``visual_label``: what is heard and what is seen,
 
-plus any other columns, which are kept. Relative paths are relative to the manifest's directory, so a
-directory holding a manifest and its clips can be moved as a whole; :func:`read_manifest` returns them
-resolved. A ``clips`` column (multi-clip prompts: a list of ``{"video", "audio"}``) is resolved the same way.
+plus any other columns, which are kept. Every manifest needs at least one media column (:data:`MEDIA_COLUMNS`:
+``video``, ``audio``, ``image``, or ``clips``); one without is refused, with the columns found and, for a name
+that looks like a misspelt or renamed media column (``clip``, ``vidoe``), the one meant.
+
+Relative paths are relative to the manifest's directory, so a directory holding a manifest and its clips can be
+moved as a whole; :func:`read_manifest` returns them resolved. A ``clips`` column (multi-clip prompts: a list of
+``{"video", "audio"}``) is resolved the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +30,17 @@ import pandas as pd
 
 from ..errors import InputError
 
-__all__ = ["FORMATS", "PATH_COLUMNS", "REQUIRED", "read_manifest", "relative_path", "with_none", "write_manifest"]
+__all__ = [
+    "FORMATS",
+    "MEDIA_COLUMNS",
+    "PATH_COLUMNS",
+    "REQUIRED",
+    "check_columns",
+    "read_manifest",
+    "relative_path",
+    "with_none",
+    "write_manifest",
+]
 
 FORMATS = (".csv", ".jsonl", ".parquet")
 """Manifest file extensions (``.json`` is read as JSON lines too)."""
@@ -34,11 +48,24 @@ FORMATS = (".csv", ".jsonl", ".parquet")
 REQUIRED = ("video", "audio_label", "visual_label")
 """Columns a manifest must have unless a reader asks for fewer."""
 
-PATH_COLUMNS = ("video", "audio")
+PATH_COLUMNS = ("video", "audio", "image")
 """Columns holding file paths, resolved against the manifest's directory."""
 
+MEDIA_COLUMNS = ("video", "audio", "image", "clips")
+"""A manifest has at least one of these (``clips``: multi-clip prompts)."""
+
+# Column names people use for a media column, and the one they mean (misspellings are caught by difflib).
+_MEDIA_ALIASES = {
+    **dict.fromkeys(
+        ("clip", "clip_path", "video_path", "video_file", "videos", "mp4", "movie", "file", "path"), "video"
+    ),
+    **dict.fromkeys(("media", "filename", "file_name", "filepath"), "video"),
+    **dict.fromkeys(("wav", "sound", "audio_path", "audio_file", "audios"), "audio"),
+    **dict.fromkeys(("img", "picture", "image_path", "image_file", "images", "frame"), "image"),
+}
+
 # Columns read as text whatever they look like: an id "007" must not become the number 7.
-_TEXT_COLUMNS = ("id", "video", "audio", "audio_label", "visual_label")
+_TEXT_COLUMNS = ("id", "video", "audio", "image", "audio_label", "visual_label")
 
 
 def read_manifest(path: str | Path, *, required: Iterable[str] | None = None) -> pd.DataFrame:
@@ -78,11 +105,7 @@ def read_manifest(path: str | Path, *, required: Iterable[str] | None = None) ->
         raise InputError(f"not a readable {kind} manifest ({_one_line(e)})", path=str(p)) from e
     if df.empty:
         raise InputError("manifest has no rows", path=str(p))
-    if required is None:
-        required = ("clips", "question") if "clips" in df.columns else REQUIRED
-    for column in required:
-        if column not in df.columns:
-            raise InputError(f"missing column '{column}'", path=str(p))
+    check_columns(df, required, path=str(p))
 
     df = with_none(df)
     for column in _TEXT_COLUMNS:
@@ -108,6 +131,52 @@ def read_manifest(path: str | Path, *, required: Iterable[str] | None = None) ->
     df = df.reset_index(drop=True)
     df.attrs["path"] = str(p)
     return df
+
+
+def check_columns(df: pd.DataFrame, required: Iterable[str] | None = None, *, path: str | None = None) -> None:
+    """The schema check of every manifest (:func:`read_manifest` runs it; call it on a table built in memory).
+
+    Args:
+        df: the manifest's table.
+        required: columns that must be present besides a media column (None: :data:`REQUIRED`, or ``clips`` and
+            ``question`` for a multi-clip manifest).
+        path: the manifest's file, for the message.
+
+    Raises:
+        InputError: no media column (:data:`MEDIA_COLUMNS`), or a missing required column; the message names
+            the columns found and what was expected, and suggests a media column a name may stand for.
+    """
+    columns = [str(c) for c in df.columns]
+    found = ", ".join(columns) or "none"
+    if required is None:
+        required = ("clips", "question") if "clips" in columns else REQUIRED
+    if not any(c in columns for c in MEDIA_COLUMNS):
+        raise InputError(
+            f"no media column (found: {found}; expected video, audio or image, or clips for multi-clip prompts)"
+            + _suggestion(columns, MEDIA_COLUMNS),
+            path=path,
+        )
+    for column in required:
+        if column not in columns:
+            raise InputError(f"missing column '{column}' (found: {found})" + _suggestion(columns, (column,)), path=path)
+
+
+def _suggestion(columns: list[str], wanted: Iterable[str]) -> str:
+    """A hint, "; did you mean video (for 'clip')?", for columns that look like one of ``wanted`` (a name
+    people use for it, or a misspelling); "" if none does."""
+    import difflib
+
+    wanted = [w for w in wanted if w not in columns]
+    hints = []
+    for c in columns:
+        key = c.strip().lower()
+        meant = _MEDIA_ALIASES.get(key)
+        if meant is None:
+            close = difflib.get_close_matches(key, wanted, n=1, cutoff=0.75)
+            meant = close[0] if close else None
+        if meant in wanted and meant != c:
+            hints.append(f"{meant} (for '{c}')")
+    return f"; did you mean {' or '.join(hints)}?" if hints else ""
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
@@ -221,3 +290,41 @@ def _json_default(value: Any) -> Any:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def manifest_content(path: str | Path) -> dict[str, Any]:
+    """What a manifest holds, for a run's identity: its rows and its media files, not the path it was given by.
+
+    Rows are read with :func:`read_manifest` (so paths are resolved: the same file named by a relative or an
+    absolute path gives the same content), each hashed as canonical JSON and keyed by its id, so the order of
+    the rows does not matter (runs take items in the order of their ids). A media file is identified by its
+    size and modification time (``st_mtime_ns``), which is cheap for long videos and changes when a file is
+    rewritten.
+
+    Returns:
+        ``{"sha256": hex digest of all of it, "rows": {id: row digest}, "media": {path: [size, mtime_ns] or
+        None if missing}}``; digests of rows are shortened to 16 hex digits.
+    """
+    import hashlib
+
+    df = read_manifest(path, required=())
+    rows: dict[str, str] = {}
+    media: dict[str, list[int] | None] = {}
+    for row in with_none(df).to_dict("records"):
+        text = json.dumps(row, sort_keys=True, default=_json_default)
+        rows[str(row["id"])] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        files = [row.get(c) for c in PATH_COLUMNS]
+        clips = row.get("clips")
+        if isinstance(clips, list | tuple | np.ndarray):
+            files += [c.get(k) for c in clips if isinstance(c, dict) for k in PATH_COLUMNS]
+        for f in files:
+            if isinstance(f, str) and f not in media:
+                try:
+                    st = os.stat(f)
+                    media[f] = [st.st_size, st.st_mtime_ns]
+                except OSError:
+                    media[f] = None
+    rows = dict(sorted(rows.items()))
+    media = dict(sorted(media.items()))
+    digest = hashlib.sha256(json.dumps({"rows": rows, "media": media}, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "rows": rows, "media": media}
