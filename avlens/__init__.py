@@ -28,6 +28,7 @@ re-exports the rest; only cli and reproduce import it.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 from .errors import AvlensError, InputError, MediaError, ModelNotFoundError, UnknownGroupError
@@ -88,10 +89,38 @@ def load(name: str | Path, *, family: str | None = None, **kwargs: Any) -> Adapt
         from .organism.checkpoints import checkpoint_path
 
         name = checkpoint_path(text.partition(":")[2] or None)
+    else:
+        _refuse_before_importing_torch(text)
     from .models import load as load_checkpoint
 
     return load_checkpoint(name, family=family, **kwargs)
 
+
+def _refuse_before_importing_torch(name: str) -> None:
+    """Refuse a name that cannot be a model in well under a second: the network-free checks of
+    :func:`avlens.models.registry.unreachable` (which the loader then makes in full), made here because
+    importing the loader imports torch and transformers (seconds)."""
+    from pathlib import Path
+
+    if Path(name).exists():
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    suggest = "see `avlens models`, or use `organism` (the bundled model)"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelNotFoundError(f"model '{name}': no such directory, and not a hub id; {suggest}") from None
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in _OFFLINE)
+    if offline and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ModelNotFoundError(
+            f"model '{name}': no such directory, and not in the local hub cache (HF_HUB_OFFLINE is set); {suggest}"
+        )
+
+
+_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 __all__ = [
     "Ablate",

@@ -112,9 +112,7 @@ def inspect(
     A video's own audio track is used unless --no-audio or a separate --audio is given; an audio file alone
     works too.
     """
-    from . import load
-    from .models import Sample
-    from .trace import generate
+    from . import _refuse_before_importing_torch, load
 
     if video is None and audio is None and image is None:
         raise InputError("give at least one of --video, --audio, --image")
@@ -123,7 +121,11 @@ def inspect(
         raise InputError(f"--fps must be a number of frames per second above 0, got {fps:g}")
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    _refuse_before_importing_torch(model)  # a wrong name fails before the seconds torch takes to import
     adapter = load(model, family=family)
+    from .models import Sample
+    from .trace import generate
+
     sample = Sample(prompt, video=video, audio=audio, image=image, video_audio=not no_audio, id="input")
     inputs = adapter.prepare([sample], fps=fps)
     if inputs.errors:
@@ -330,7 +332,11 @@ def run_command(
     in OUT/results/*.errors.parquet)."""
     from dataclasses import asdict, replace
 
-    from . import load
+    from . import _refuse_before_importing_torch, load
+
+    for m in (model, base):
+        if m is not None and m != "organism" and not m.startswith("organism:"):
+            _refuse_before_importing_torch(m)  # a wrong name fails before the seconds torch takes to import
     from .analyses import get, strict_json
     from .reproduce import check_needs, execute, model_hash
 

@@ -31,6 +31,8 @@ def test_models_lists_the_families():
     assert out.returncode == 0
     for family in ("qwen2.5-omni", "qwen3-omni", "qwen2.5-vl"):
         assert family in out.stdout
+    for name in ("organism", "organism:vl-base", "organism:av-vision-heavy", "organism:av-balanced"):
+        assert name in out.stdout
 
 
 def test_inspect_json_has_layout_and_answer(model):

@@ -241,3 +241,21 @@ def test_ctrl_c_in_a_command_is_one_line_with_what_was_saved_and_status_130(caps
     assert (
         capsys.readouterr().err == "avlens: interrupted; saved 2 of 5 units in out; re-run the same command to resume\n"
     )
+
+
+def test_an_unknown_model_is_refused_before_torch_is_imported():
+    code = (
+        "import sys, avlens\n"
+        "try:\n    avlens.load('no-such-org/no-such-model')\n"
+        "except avlens.ModelNotFoundError as e:\n    print(e)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "not in the local hub cache" in out.stdout and out.stdout.strip().endswith("False"), out.stdout
