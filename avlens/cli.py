@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -472,9 +473,12 @@ def reproduce(
     console.print(f"report: {result.report}")
 
 
-def _problems(report: Any) -> None:
-    for p in report.problems:
-        err_console.print(f"skipped {p['id']}: {p.get('file') or ''}: {p['reason']}", markup=False, highlight=False)
+def _problems(report: Any, limit: int = 10) -> None:
+    for p in report.problems[:limit]:
+        where = f"{p['file']}: " if p.get("file") else ""
+        err_console.print(f"skipped {p['id']}: {where}{p['reason']}", markup=False, highlight=False)
+    if len(report.problems) > limit:
+        err_console.print(f"... {len(report.problems) - limit} more", markup=False, highlight=False)
     console.print(f"wrote {report.written} rows ({len(report.problems)} skipped): {report.manifest}")
 
 
@@ -590,9 +594,17 @@ def _interrupted(e: BaseException) -> str:
     return f"avlens: interrupted; {detail}" if detail else "avlens: interrupted"
 
 
+_WARNED: set[str] = set()
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one line on stderr ("avlens: warning: ..."), without the source path and line of code."""
+    """Warnings as one line on stderr ("avlens: warning: ..."), without the source path and line of code; a
+    warning that only repeats another one for a different sample is not shown again."""
     text = " ".join(str(message).split())
+    key = re.sub(r"^sample [^:]*: ", "", text)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
     err_console.print(f"avlens: warning: {text}", markup=False, highlight=False, soft_wrap=True)
 
 

@@ -215,6 +215,8 @@ def test_warnings_print_as_one_line(capsys):
 
     _one_line_warning(UserWarning("sample a: 2 word(s)\noutside x"), UserWarning, "/src/avlens/models/qwen.py", 400)
     assert capsys.readouterr().err == "avlens: warning: sample a: 2 word(s) outside x\n"
+    _one_line_warning(UserWarning("sample b: 2 word(s) outside x"), UserWarning, "qwen.py", 400)  # the same again
+    assert capsys.readouterr().err == ""
 
 
 def test_token_shift_without_base_suggests_the_organism_base():
@@ -259,3 +261,14 @@ def test_an_unknown_model_is_refused_before_torch_is_imported():
     )
     assert out.returncode == 0, out.stderr
     assert "not in the local hub cache" in out.stdout and out.stdout.strip().endswith("False"), out.stdout
+
+
+def test_builders_problems_are_capped(capsys):
+    from types import SimpleNamespace
+
+    from avlens.cli import _problems
+
+    problems = [{"id": f"r{i}", "file": f"/m/{i}.mp4", "reason": "no audio track"} for i in range(15)]
+    _problems(SimpleNamespace(problems=problems, written=3, manifest="out/manifest.jsonl"))
+    err = lines(capsys.readouterr().err)
+    assert err[0] == "skipped r0: /m/0.mp4: no audio track" and err[-1] == "... 5 more" and len(err) == 11
