@@ -277,6 +277,12 @@ def test_report_tables_have_named_rows_one_precision_and_n(tiny_run):
             decimals = {len(x.split(".")[1]) for x in numbers if "." in x}
             assert decimals <= {3}, (name, decimals)  # one precision
             assert re.search(r"<th>n[ <(]|n \(", html) or ">n<" in html, f"{name}: no n beside its rates"
+            for r, row in zip(df.index, df.itertuples(index=False, name=None), strict=True):
+                for c, value in zip(df.columns, row, strict=True):
+                    label = c[-1] if isinstance(c, tuple) else c
+                    rlabel = r[-1] if isinstance(r, tuple) else r
+                    if str(label) == "n" or str(rlabel).startswith("n ") or str(label) == "classes":
+                        assert value is None or type(value) is int, (name, r, c, value)  # counts as integers
         if name == "probe":
             assert len(shown[0]) <= 2 * 3 * 2 * 2  # conditions x sites x labels x (one) model, not a 72-row dump
 

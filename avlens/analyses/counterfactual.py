@@ -18,6 +18,7 @@ from ..trace import generate
 from .base import Analysis, Finding, Needs, num, pct
 from .common import Item, Scorer, batches, follows, label_match, words
 from .plotting import legend_outside
+from .tables import object_frame
 
 NAME = "counterfactual"
 
@@ -183,21 +184,16 @@ def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
             for cond, acc in by.items():
                 rows.setdefault((q, cond), {})[(model, "accuracy")] = acc
                 rows[(q, cond)][(model, "n")] = s.n.get(q, {}).get(cond, 0)
-    acc = pd.DataFrame.from_dict(rows, orient="index").astype(object)
+    acc = object_frame(rows)
     acc.index.names = ["question", "clip condition"]
-    acc.columns = pd.MultiIndex.from_tuples(acc.columns)
     acc.attrs["caption"] = "Share of right answers (n: answers scored)"
-    follows = pd.DataFrame(
+    follows = object_frame(
         {
-            model: {
-                "names the visual label only": s.follows_vision_rate,
-                "names the audio label only": s.follows_audio_rate,
-                "names both": s.follows_both_rate,
-                "n (swapped clips, 'hear')": s.n_swapped_hear,
-            }
-            for model, s in summaries.items()
-        },
-        dtype=object,
+            "names the visual label only": {m: s.follows_vision_rate for m, s in summaries.items()},
+            "names the audio label only": {m: s.follows_audio_rate for m, s in summaries.items()},
+            "names both": {m: s.follows_both_rate for m, s in summaries.items()},
+            "n (swapped clips, 'hear')": {m: s.n_swapped_hear for m, s in summaries.items()},
+        }
     )
     follows.index.name = "swapped clips: the answer"
     follows.attrs["caption"] = "What the hearing answers on swapped clips name (share of answers)"

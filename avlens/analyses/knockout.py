@@ -26,6 +26,7 @@ from ..trace import Knockout, run_conditions
 from .base import Analysis, Finding, num, verdict
 from .common import Item, batches, first_token
 from .plotting import layer_axis, legend_outside
+from .tables import object_frame
 
 NAME = "knockout"
 ANSWER = "answer"
@@ -450,8 +451,7 @@ def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
             for key, name in names.items():
                 rows.setdefault(name, {})[(model, cond)] = getattr(s, f"{cond}_{key}")
             rows.setdefault("n (items)", {})[(model, cond)] = getattr(s, f"n_{cond}")
-    out = pd.DataFrame.from_dict(rows, orient="index").astype(object)
-    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    out = object_frame(rows)
     out.index.name = "figure (shares of items; Δ: change of probability)"
     out.attrs["caption"] = "Attention knockout by clip condition"
     return [out]

@@ -26,6 +26,7 @@ from ..trace import Capture, run
 from .base import Analysis, Finding, num, pct, verdict
 from .common import Item, batches, first_token, follows
 from .plotting import layer_axis, legend_outside, rank_axis
+from .tables import object_frame
 
 NAME = "logit_lens"
 SITES = ("audio", "last")
@@ -337,8 +338,7 @@ def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
         for name, (value, n) in figures.items():
             rows.setdefault(name, {})[(model, "share")] = value
             rows[name][(model, "n")] = n
-    out = pd.DataFrame.from_dict(rows, orient="index").astype(object)
-    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    out = object_frame(rows)
     out.index.name = "swapped clips"
     out.attrs["caption"] = "Logit lens on swapped clips (share of clips; n: clips it is a share of)"
     return [out]

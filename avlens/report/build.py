@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..analyses import get
 from ..analyses.base import flat, jsonable
+from ..analyses.tables import object_frame
 from .html import Report
 
 PAPERS = {"P1": "P1, arXiv 2604.02605"}
@@ -101,8 +102,9 @@ def words(key: str) -> str:
 def summary_table(summaries: Mapping[str, Any]) -> pd.DataFrame:
     """Every field of the models' summaries (rows, in words) for each model (columns), values as they are (ints
     stay ints; None is "–")."""
-    table = pd.DataFrame({m: flat(s) for m, s in summaries.items()}, dtype=object)
-    table.index = [words(k) for k in table.index]
+    figures = {m: flat(s) for m, s in summaries.items()}
+    keys = list(dict.fromkeys(k for f in figures.values() for k in f))
+    table = object_frame({words(k): {m: f.get(k) for m, f in figures.items()} for k in keys})
     table.index.name = "figure"
     return table
 
@@ -113,7 +115,7 @@ def _headline_table(summary: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     for name, per_model in summary.items():
         spec = get(name)
         rows[f"{spec.name}: {words(spec.headline)}"] = {m: spec.headline_of(s) for m, s in per_model.items()}
-    out = pd.DataFrame(rows, dtype=object).T
+    out = object_frame(rows)
     out.index.name = "analysis: headline figure"
     out.attrs["caption"] = "How the models differ: one headline figure per analysis (the tables below give each n)"
     return out
