@@ -253,8 +253,10 @@ def test_a_single_analysis_report_fits_its_run_and_shows_provenance_as_a_table(t
     title = re.search(r"<h1>(.*?)</h1>", doc).group(1)
     assert "reproduced" not in title and get(name).title in title
     assert "How the models differ" not in doc and "Overview" not in doc
+    assert "Model: organism:av-balanced." in doc and "model (organism" not in doc  # no label "model"
     provenance = doc[doc.index("Provenance") :]
     assert "<th>avlens version</th>" in provenance and "<th>avlens git commit</th>" in provenance
+    assert "<th>model</th><td>organism:av-balanced</td>" in provenance and "<th>model sha256</th>" in provenance
     assert re.search(
         r"<th>avlens git commit</th><td>([0-9a-f]{40}( \(modified\))?|not a git checkout)</td>", provenance
     )

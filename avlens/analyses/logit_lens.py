@@ -258,8 +258,11 @@ def plot(tables: dict[str, dict[str, pd.DataFrame]]) -> Figure:
     colors = {"audio": "#1b9e77", "visual": "#d95f02", "control": "#999999"}
     # the visual label wide with open squares, the audio label thin with dots on top: where they coincide (factual
     # clips: one label) both stay visible
-    markers = {"audio": dict(marker="o", ms=3, lw=1.2), "visual": dict(marker="s", ms=8, mfc="none", mew=1.2, lw=3.5)}
-    markers["control"] = dict(marker="^", ms=4, lw=1.2)
+    markers = {
+        "audio": dict(marker="o", ms=3, lw=1.2),
+        "visual": dict(marker="s", ms=8, mfc="none", mew=1.2, lw=4, alpha=0.45),
+        "control": dict(marker="^", ms=4, lw=1.2),
+    }
     styles = {"factual": "-", "swapped": "--"}
     for m, (model, t) in enumerate(tables.items()):
         p = profile(t["lens"])

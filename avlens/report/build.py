@@ -57,8 +57,9 @@ def build_report(
         title = f"{spec.title} — avlens run {spec.name}"
     else:
         title = "Do audio-visual LLMs really see and hear? — P1 reproduced with avlens"
+    alone = len(models) == 1 and next(iter(models)) == "model"  # avlens run: the label says nothing
     subtitle = f"Model{'s' if len(models) > 1 else ''}: " + ", ".join(
-        f"{k} ({v})" if k != v else str(v) for k, v in models.items()
+        str(v) if alone or k == v else f"{k} ({v})" for k, v in models.items()
     )
     subtitle += ". Each finding is set beside the paper's figure (P1, arXiv 2604.02605, unless noted)."
     report = Report(title, subtitle)
@@ -153,11 +154,13 @@ def provenance_table(config: Mapping[str, Any], meta: Mapping[str, Any], info: M
             rows[f"{lib} version"] = version
     if info.get("started"):
         rows["started"] = info["started"]
-    for label, name in (config.get("models") or {}).items():
-        rows[f"model {label}"] = name
+    models = dict(config.get("models") or {})
+    alone = list(models) == ["model"]  # avlens run: one model, labelled "model"
+    for label, name in models.items():
+        rows["model" if alone else f"model {label}"] = name
     hashes = meta.get("model_sha256")
     if isinstance(hashes, Mapping):
-        rows |= {f"model {label} sha256": h for label, h in hashes.items()}
+        rows |= {"model sha256" if alone else f"model {label} sha256": h for label, h in hashes.items()}
     elif hashes:
         rows["model sha256"] = hashes
     if config.get("base"):
