@@ -47,8 +47,9 @@ def test_inspect_json_has_layout_and_answer(model):
     # the media actually used: from the adapter's per-row report when it gives one, else the files' own
     media = data["media"]
     assert media and json.loads(out.stdout, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
-    if "video" in media and isinstance(media["video"], dict) and "duration" in media["video"]:
-        assert media["video"]["duration"] == pytest.approx(3.0, abs=0.2)
+    used = media["clips"][0]
+    assert used["video"]["seconds"] == pytest.approx(3.0, abs=0.2) and used["video"]["frames"] >= 1
+    assert used["audio"]["sampling_rate"] == 16000 and used["audio"]["seconds_used"] == pytest.approx(3.0, abs=0.2)
     table = avlens("inspect", str(model / "model"), "--video", str(model / "clip.mp4"), "--prompt", "what do you hear")
     assert table.returncode == 0 and "chunk1" in table.stdout and "answer:" in table.stdout
 
