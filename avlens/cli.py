@@ -193,7 +193,13 @@ def organism_world(
     out: Annotated[Path, typer.Option(help="Directory to write clips/ and manifest.jsonl into.")],
     n: Annotated[int, typer.Option(help="Number of clips.")] = 120,
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same files.")] = 0,
-    swapped_share: Annotated[float, typer.Option(help="Share of clips whose sound is from an unrelated class.")] = 0.5,
+    swapped_share: Annotated[
+        float,
+        typer.Option(
+            help="Share of clips whose sound is from an unrelated class (default 0: a congruent world; "
+            "`avlens data counterfactual` makes the swapped variants)."
+        ),
+    ] = 0.0,
 ) -> None:
     """Write clips of the synthetic audio-visual world (mp4 with H.264+AAC, and wav) and a manifest with
     columns video, audio, audio_label, visual_label, condition."""

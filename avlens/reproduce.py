@@ -201,7 +201,20 @@ def execute(
         run.write_json("summary", strict_json({"headline": headlines(summary), "details": summary}))
         report = build_report(Path(out) / "report.html", results, summary, run_config, meta)
         run.consolidate()
+        _write_finalized(run, results)
     return ReproduceResult(Path(out), summary, report)
+
+
+def _write_finalized(run: RunDir, results: Mapping[str, Mapping[str, dict[str, pd.DataFrame]]]) -> None:
+    """The tables an analysis's ``finalize`` adds (probe.probes, token_shift.positions...) as results/ files
+    beside the recorded ones, every model's rows in one file with a ``model`` column. Recorded tables keep
+    what ``collect`` wrote, whatever ``finalize`` added to their in-memory copies."""
+    recorded = set(run.table_names())
+    for name, per_model in results.items():
+        tables = {t for tables in per_model.values() for t in tables if f"{name}.{t}" not in recorded}
+        for t in sorted(tables):
+            parts = [df.assign(model=label) for label, ts in per_model.items() if (df := ts.get(t)) is not None]
+            run.write_result(f"{name}.{t}", pd.concat(parts, ignore_index=True))
 
 
 def reproduce(

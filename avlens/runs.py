@@ -493,6 +493,19 @@ class RunDir:
             written[name] = out
         return written
 
+    def write_result(self, name: str, df: pd.DataFrame) -> Path:
+        """Write a table computed from the records (not itself recorded by units) as ``results/<name>.parquet``,
+        atomically. Returns the path."""
+        _check_table_name(name)
+        if name in self.table_names():
+            raise ValueError(f"table {name!r} is recorded by units; consolidate writes it")
+        results = self.path / "results"
+        results.mkdir(exist_ok=True)
+        out = results / f"{name}.parquet"
+        data = pa.Table.from_pandas(df, preserve_index=False)
+        _atomic_write_bytes(out, lambda f: pq.write_table(data, f))
+        return out
+
     # -- small files ---------------------------------------------------------------------------------------
 
     def write_json(self, name: str, obj: Any) -> Path:

@@ -33,7 +33,7 @@ from avlens.organism.world import CLASSES, LABEL_GROUPS, unrelated, write_world
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """An 8-clip organism world (2 s, 112x112, 8 fps; half of the clips swapped); its manifest path."""
+    """An 8-clip organism world (2 s, 112x112, 8 fps; congruent, as write_world makes by default); its manifest path."""
     return write_world(tmp_path_factory.mktemp("world"), n=8, seed=0)
 
 

@@ -115,3 +115,16 @@ def test_zero_items_is_one_clear_error(tmp_path, media):
         items_from_manifest(manifest, QUESTIONS, conditions=("swapped",))
     message = str(caught.value)
     assert message.startswith(str(manifest)) and "(swapped)" in message and "the manifest has: factual" in message
+
+
+def test_a_world_manifests_congruent_clips_are_the_factual_condition(media, tmp_path):
+    """`avlens organism world` writes condition "congruent" (or "swapped"): analyses asking for factual clips
+    get the congruent ones, not "no row of the conditions asked"."""
+    manifest = tmp_path / "world.jsonl"
+    rows = [
+        {"id": "a", "video": str(media["clip"]), "condition": "congruent", "audio_label": "dog", "visual_label": "dog"},
+        {"id": "b", "video": str(media["clip"]), "condition": "swapped", "audio_label": "cat", "visual_label": "dog"},
+    ]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = items_from_manifest(manifest, {"hear": "What do you hear?"}, conditions=("factual",))
+    assert [(it.id, it.condition, it.expected) for it in items] == [("a/hear", "factual", "dog")]

@@ -70,6 +70,13 @@ def test_every_analysis_runs_and_reports(setup, tmp_path):
         "token_shift.tokens",
         "attention_share.shares",
     } <= set(results)
+    # Tables an analysis's finalize computes from the records are results too, with the model beside each row.
+    for table in ("probe.probes", "probe.skipped", "token_shift.positions"):
+        assert table in results, table
+        assert set(results[table]["model"]) <= {"tiny"}, table
+    # (8 clips of 8 classes: too few per class to fit a probe; the skipped table says so, slice by slice.)
+    assert len(results["probe.skipped"]) > 0 and set(results["probe.skipped"]["model"]) == {"tiny"}
+    assert len(results["token_shift.positions"]) > 0
     answers = results["counterfactual.answers"]
     assert set(answers.condition) == {"factual", "swapped", "muted", "blank_video", "audio_only", "video_only"}
     assert len(answers) == 8 * 6 * 2

@@ -96,6 +96,12 @@ _SILENT = ("muted", "video_only")
 _UNSEEN = ("blank_video", "audio_only")
 
 
+def _condition(row: Mapping[str, Any]) -> str:
+    """A row's condition: "factual" without one; a world manifest's "congruent" clip is the factual condition."""
+    cond = _value(row, "condition") or "factual"
+    return "factual" if cond == "congruent" else cond
+
+
 def expected_answer(row: Mapping[str, Any], kind: str, condition: str) -> str | None:
     """The right answer to question ``kind`` about a manifest row (None: unknown; see the module docstring)."""
     expected = _value(row, f"expect_{kind}")
@@ -156,7 +162,7 @@ def items_from_manifest(
     out: list[Item] = []
     taken: dict[str, int] = {}
     for row in df.to_dict("records"):
-        cond = _value(row, "condition") or "factual"
+        cond = _condition(row)
         if conditions is not None and cond not in conditions:
             continue
         if limit is not None and taken.get(cond, 0) >= limit:
@@ -170,7 +176,7 @@ def items_from_manifest(
             out.append(Item(sample.id, sample, cond, kind, heard, seen, expected, problem))
     if not out:
         where = df.attrs.get("path")
-        has = sorted({_value(r, "condition") or "factual" for r in df.to_dict("records")})
+        has = sorted({_condition(r) for r in df.to_dict("records")})
         asked = ", ".join(conditions) if conditions is not None else "any"
         if not questions:
             raise InputError("no questions to ask", path=where)
