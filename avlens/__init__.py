@@ -102,8 +102,8 @@ def _refuse_before_importing_torch(name: str) -> None:
     importing the loader imports torch and transformers (seconds)."""
     from pathlib import Path
 
-    if Path(name).exists():
-        return
+    if name == _ORGANISM or name.startswith(f"{_ORGANISM}:") or Path(name).exists():
+        return  # the organism's names resolve to its shipped directories (see load)
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id

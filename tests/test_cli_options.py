@@ -161,6 +161,19 @@ def test_unknown_model_fails_at_once_in_one_line():
     assert bad.returncode == 2 and len(lines(bad.stderr)) == 1 and "not a hub id" in bad.stderr, bad.stderr
 
 
+def test_the_organism_loads_offline_through_the_command_line(tmp_path):
+    """The early refusal of unknown names knows the organism's: `avlens inspect organism` works offline."""
+    import numpy as np
+    import soundfile as sf
+
+    wav = tmp_path / "tone.wav"
+    sf.write(wav, (0.1 * np.sin(np.arange(16000) / 8)).astype(np.float32), 16000)
+    for name in ("organism", "organism:av-balanced"):
+        out = avlens("inspect", name, "--audio", str(wav), "--prompt", "What do you hear?", env={"HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 0, out.stderr
+        assert "answer:" in out.stdout, out.stdout
+
+
 def test_unknown_model_offline_makes_no_network_call(monkeypatch):
     from avlens.errors import ModelNotFoundError
     from avlens.models import load
