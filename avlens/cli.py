@@ -154,9 +154,9 @@ def _check_prompt(flag: str, prompt: str, example: str | None = None) -> None:
 
 def print_json(obj: Any) -> None:
     """Print ``obj`` as strict JSON on stdout: NaN and infinities become null (strict parsers refuse them)."""
-    from .runs import json_safe
+    from .jsonvalues import jsonable
 
-    print(json.dumps(json_safe(obj), default=str, allow_nan=False))
+    print(json.dumps(jsonable(obj), allow_nan=False))
 
 
 def _media_used(inputs: Any, sample: Any, fps: float) -> dict[str, Any]:

@@ -41,7 +41,6 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import shutil
@@ -56,6 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import AvlensError
+from .jsonvalues import jsonable
 
 TMP_PREFIX = ".tmp-"
 _MISSING = object()
@@ -71,7 +71,7 @@ def config_hash(config: dict) -> str:
 
 
 def _canonical_json(obj: Any) -> str:
-    return json.dumps(json_safe(obj), sort_keys=True, default=str, allow_nan=False)
+    return json.dumps(jsonable(obj), sort_keys=True, default=str, allow_nan=False)
 
 
 def _versions() -> dict[str, str | None]:
@@ -135,25 +135,8 @@ def _atomic_write_bytes(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every NaN or infinite float as None (JSON's null), so that strict parsers can read it.
-
-    Mappings, lists and tuples are walked; numpy scalars (anything with ``item()``) become Python values;
-    other values are kept (json.dumps turns those it cannot hold into their ``str``).
-    """
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if not isinstance(obj, str | bytes | int | float) and hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+    text = json.dumps(jsonable(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
     _atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 

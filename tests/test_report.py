@@ -341,7 +341,8 @@ def test_every_column_a_run_writes_is_documented(tiny_run):
 def test_a_figure_with_no_data_is_null_with_n_zero(tiny_run, name):
     """Every analysis summarised on tables without a row: its figures are None, its counts 0 (never 0.0)."""
     from avlens.analyses import get
-    from avlens.analyses.base import flat, strict_json
+    from avlens.analyses.base import flat
+    from avlens.jsonvalues import strict_json
 
     spec = get(name)
     tables = {t: df.iloc[0:0] for t, df in _tables_of(tiny_run, name).items() if t not in ("probes", "skipped")}

@@ -29,7 +29,8 @@ not a registry analysis.
 
 from __future__ import annotations
 
-from .base import VERDICTS, Analysis, Finding, Needs, strict_json, verdict
+from ..jsonvalues import strict_json
+from .base import VERDICTS, Analysis, Finding, Needs, verdict
 from .registry import BUILTIN, get, names, register, specs, unregister
 
 __all__ = [

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..jsonvalues import jsonable
 
 VERDICTS = ("agrees", "partly", "disagrees", "not measured")
 
@@ -144,34 +146,6 @@ def num(x: Any, digits: int | None = None) -> float | None:
 def pct(x: float | None, spec: str = ".0%") -> str:
     """A figure for a sentence of a finding: formatted with ``spec``, "n/a" when not measured."""
     return "n/a" if x is None or x != x else format(x, spec)
-
-
-def jsonable(obj: Any) -> Any:
-    """``obj`` as plain JSON values: dataclasses as dicts, numpy scalars and arrays as Python values, tuples as
-    lists, NaN and infinities as None. Anything else JSON cannot hold becomes its ``str``."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set | frozenset):
-        return [jsonable(v) for v in obj]
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy scalars and arrays
-        return jsonable(obj.tolist())
-    if isinstance(obj, bool) or obj is None or isinstance(obj, int | str):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    return str(obj)
-
-
-def strict_json(obj: Any) -> Any:
-    """:func:`jsonable` checked to be strict JSON (``json.dumps(..., allow_nan=False)`` succeeds): what every
-    summary.json and printed result goes through."""
-    import json
-
-    out = jsonable(obj)
-    json.dumps(out, allow_nan=False)
-    return out
 
 
 def flat(summary: Any) -> dict[str, Any]:
