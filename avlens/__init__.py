@@ -19,7 +19,7 @@ against the contracts in pyproject.toml, run by scripts/test.sh):
     trace                     the engine
     models                    adapters, one per model family
     media | layout | runs     decoding and processors | token groups | the run directory
-    errors                    the exceptions everything raises
+    errors | jsonvalues       the exceptions everything raises | values as strict JSON (NaN as null)
 
 This module, the public API, belongs to no layer: it resolves the organism's names for :func:`load` and
 re-exports the rest; only cli and reproduce import it.
