@@ -19,7 +19,7 @@ against the contracts in pyproject.toml, run by scripts/test.sh):
     trace                     the engine
     models                    adapters, one per model family
     media | layout | runs     decoding and processors | token groups | the run directory
-    errors | jsonvalues       the exceptions everything raises | values as strict JSON (NaN as null)
+    errors | jsonvalues | modelnames   exceptions | values as strict JSON | model names checked offline
 
 This module, the public API, belongs to no layer: it resolves the organism's names for :func:`load` and
 re-exports the rest; only cli and reproduce import it.
@@ -28,7 +28,6 @@ re-exports the rest; only cli and reproduce import it.
 from __future__ import annotations
 
 import importlib
-import os
 from typing import TYPE_CHECKING, Any
 
 from .errors import AvlensError, InputError, MediaError, ModelNotFoundError, UnknownGroupError
@@ -97,30 +96,16 @@ def load(name: str | Path, *, family: str | None = None, **kwargs: Any) -> Adapt
 
 
 def _refuse_before_importing_torch(name: str) -> None:
-    """Refuse a name that cannot be a model in well under a second: the network-free checks of
-    :func:`avlens.models.registry.unreachable` (which the loader then makes in full), made here because
-    importing the loader imports torch and transformers (seconds)."""
-    from pathlib import Path
-
-    if name == _ORGANISM or name.startswith(f"{_ORGANISM}:") or Path(name).exists():
+    """Refuse a name that cannot be a model in well under a second, before importing the loader (which imports
+    torch and transformers: seconds); see :func:`avlens.modelnames.local_problem`."""
+    if name == _ORGANISM or name.startswith(f"{_ORGANISM}:"):
         return  # the organism's names resolve to its shipped directories (see load)
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from .modelnames import local_problem
 
-    suggest = "see `avlens models`, or use `organism` (the bundled model)"
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise ModelNotFoundError(f"model '{name}': no such directory, and not a hub id; {suggest}") from None
-    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in _OFFLINE)
-    if offline and not isinstance(try_to_load_from_cache(name, "config.json"), str):
-        raise ModelNotFoundError(
-            f"model '{name}': no such directory, and not in the local hub cache (HF_HUB_OFFLINE is set); {suggest}"
-        )
+    problem = local_problem(name)
+    if problem is not None:
+        raise ModelNotFoundError(problem)
 
-
-_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 __all__ = [
     "Ablate",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelNotFoundError
+from ..modelnames import SUGGEST, cached, local_problem
 from .base import Adapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -60,15 +60,6 @@ def load(name: str | Path, *, family: str | None = None, **kwargs: Any) -> Adapt
     return adapter_for(config.model_type).load(name, **kwargs)
 
 
-SUGGEST = "see `avlens models`, or use `organism` (the bundled model)"
-
-
-def _offline() -> bool:
-    return any(
-        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
 def unreachable(name: str) -> str | None:
     """Why ``name`` cannot be a model, found without waiting on the network; None if it may be one.
 
@@ -76,20 +67,12 @@ def unreachable(name: str) -> str | None:
     off (HF_HUB_OFFLINE) and it is not in the local cache. Otherwise the hub is asked once, without the retries
     transformers' loader would make (five, about 28 s, when the network is down).
     """
-    if Path(name).exists():
-        return None
-    from huggingface_hub import model_info, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
+    problem = local_problem(name)
+    if problem is not None or Path(name).exists() or cached(name):
+        return problem
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import RepositoryNotFoundError
 
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return f"model '{name}': no such directory, and not a hub id; {SUGGEST}"
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return None  # downloaded before: loads offline too
-    if _offline():
-        return f"model '{name}': no such directory, and not in the local hub cache (HF_HUB_OFFLINE is set); {SUGGEST}"
     try:
         model_info(name, timeout=10)
     except RepositoryNotFoundError:
