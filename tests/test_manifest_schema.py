@@ -128,3 +128,10 @@ def test_a_world_manifests_congruent_clips_are_the_factual_condition(media, tmp_
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = items_from_manifest(manifest, {"hear": "What do you hear?"}, conditions=("factual",))
     assert [(it.id, it.condition, it.expected) for it in items] == [("a/hear", "factual", "dog")]
+
+
+def test_a_table_given_in_memory_passes_the_same_schema_check(tmp_path):
+    """Builders take a DataFrame as well as a file: it gets the file's schema check (no media column refused)."""
+    table = pd.DataFrame({"id": ["a"], "clip": ["a.mp4"], "audio_label": ["dog"], "visual_label": ["dog"]})
+    with pytest.raises(InputError, match=r"no media column.*did you mean video"):
+        build_counterfactual(table, tmp_path / "cf", pairs=[("bell", "dog")])

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data.builders import (  # the builders' row helpers
+from ..data.builders import (
     BuildReport,
     Progress,
-    _audio_of,
-    _problem,
-    _table,
-    _with_columns,
+    audio_of,
     first_label,
+    manifest_table,
+    problem_row,
+    with_columns,
 )
 from ..data.manifest import relative_path, write_manifest
 from ..errors import InputError
@@ -79,7 +79,7 @@ def dominance(
     if not labels:
         raise InputError("no labels given to map answers to")
     answer_of = answer_of or first_label
-    df = _table(manifest, ("video",))
+    df = manifest_table(manifest, ("video",))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = getattr(adapter, "options", None)
@@ -94,9 +94,9 @@ def dominance(
         for row in chunk:
             try:
                 video = load_video(row["video"], fps=fps, max_frames=max_frames)
-                audio = _audio_of(row)
+                audio = audio_of(row)
             except InputError as e:
-                problems.append(_problem(row["id"], e))
+                problems.append(problem_row(row["id"], e))
                 continue
             samples += _dominance_samples(row["id"], question, video, audio)
         texts = _generate_texts(adapter, samples, max_new_tokens, problems)
@@ -116,7 +116,7 @@ def dominance(
             progress(min(start + batch_size, len(rows)), len(rows))
 
     columns = [*df.columns, *(f"text_{v}" for v in VARIANTS), *(f"answer_{v}" for v in VARIANTS), "dominant"]
-    table = _with_columns(pd.DataFrame.from_records(answered), columns)
+    table = with_columns(pd.DataFrame.from_records(answered), columns)
     files = {"answers": write_manifest(table, out_dir / "answers.parquet")}
     counts = {}
     for kind in ("audio", "video"):

@@ -30,7 +30,7 @@ import soundfile as sf
 from ..errors import InputError, MediaError
 from ..media import load_audio, probe
 from ..models.base import Clip, Sample
-from .manifest import read_manifest, relative_path, with_none, write_manifest
+from .manifest import check_columns, read_manifest, relative_path, with_none, write_manifest
 
 __all__ = [
     "CONDITIONS",
@@ -152,7 +152,7 @@ def counterfactual(
         if not groups and not pairs:
             raise InputError("the swapped condition needs groups= or pairs= to tell which audio labels are unrelated")
         relation = _Relation(groups or {}, pairs or ())
-    df = _table(manifest, ("video", "audio_label", "visual_label"))
+    df = manifest_table(manifest, ("video", "audio_label", "visual_label"))
     where = df.attrs.get("path")
     out_dir = Path(out_dir)
     (out_dir / "clips").mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def counterfactual(
                 raise InputError(f"unknown label {row['audio_label']!r} (in no group or pair)", path=where)
             _check_media(row, need_audio=True)
         except InputError as e:
-            problems.append(_problem(row["id"], e))
+            problems.append(problem_row(row["id"], e))
         else:
             rows.append(_Row(i, row))
 
@@ -198,13 +198,13 @@ def counterfactual(
         except InputError as e:
             for p in written:  # leave no half-built row behind
                 p.unlink(missing_ok=True)
-            problems.append(_problem(r.id, e))
+            problems.append(problem_row(r.id, e))
         else:
             records += _variant_records(r.row, partner, files, own, out_dir)
         if progress is not None:
             progress(done, len(rows))
 
-    table = _with_columns(pd.DataFrame.from_records(records), _CF_COLUMNS)
+    table = with_columns(pd.DataFrame.from_records(records), _CF_COLUMNS)
     path = write_manifest(table, out_dir / "manifest.jsonl")
     counts = {c: int((table["condition"] == c).sum()) for c in conditions}
     return BuildReport(len(table), problems, path, files={"manifest": path}, counts=counts)
@@ -313,12 +313,12 @@ def _write_variants(
 
     Every path is appended to ``written`` before it is created, so that the caller can clean up on failure.
     """
-    own = _audio_of(row)
+    own = audio_of(row)
     sounds: dict[str, np.ndarray | None] = {}  # condition -> the audio its clip plays (None: no track)
     for c in conditions:
         if c == "swapped" and partner is not None:
             try:
-                sounds[c] = _fit(_audio_of(partner.row), len(own))
+                sounds[c] = _fit(audio_of(partner.row), len(own))
             except InputError as e:
                 raise InputError(f"swap partner {partner.id}: {e.problem}", path=e.path) from e
         elif c == "muted":
@@ -389,7 +389,7 @@ def _variant_records(
     return out
 
 
-def _audio_of(row: dict) -> np.ndarray:
+def audio_of(row: dict) -> np.ndarray:
     """The clip's sound: its separate audio file if it has one, else the video's own track (mono, 16 kHz)."""
     return load_audio(row.get("audio") or row["video"], sampling_rate=SAMPLING_RATE)
 
@@ -529,7 +529,7 @@ def multiclip(
         raise InputError(f"n_clips must be at least 2, got {n_clips}")
     if "{label}" not in question_template:
         raise InputError(f"question_template must contain {{label}}, got {question_template!r}")
-    df = _table(manifest, ("video", "audio_label"))
+    df = manifest_table(manifest, ("video", "audio_label"))
     out_dir = Path(out_dir)
     problems: list[dict] = []
     by_label: dict[str, list[dict]] = defaultdict(list)
@@ -540,7 +540,7 @@ def multiclip(
                 raise InputError("no audio_label", path=df.attrs.get("path"))
             _check_media(row, need_audio=True)
         except InputError as e:
-            problems.append(_problem(row["id"], e))
+            problems.append(problem_row(row["id"], e))
         else:
             by_label[row["audio_label"]].append(row)
             usable += 1
@@ -600,11 +600,11 @@ def samples_from_multiclip(row: Mapping[str, Any], *, root: str | Path | None = 
 # ---------------------------------------------------------------------------------------------------------
 # Shared
 # ---------------------------------------------------------------------------------------------------------
-def _table(manifest: str | Path | pd.DataFrame, required: tuple[str, ...]) -> pd.DataFrame:
+def manifest_table(manifest: str | Path | pd.DataFrame, required: tuple[str, ...]) -> pd.DataFrame:
+    """A manifest as a table with string ids, read from a file or given in memory; both pass the one schema
+    check (:func:`avlens.data.manifest.check_columns`)."""
     if isinstance(manifest, pd.DataFrame):
-        missing = [c for c in required if c not in manifest.columns]
-        if missing:
-            raise InputError(f"missing column '{missing[0]}'", path=manifest.attrs.get("path"))
+        check_columns(manifest, required, path=manifest.attrs.get("path"))
         df = manifest.copy()
         if "id" not in df.columns:
             df.insert(0, "id", [str(i) for i in range(len(df))])
@@ -629,7 +629,8 @@ def _check_media(row: dict, *, need_audio: bool) -> None:
         raise MediaError("no audio track (and no separate audio file)", path=row["video"])
 
 
-def _problem(row_id: str, e: InputError) -> dict:
+def problem_row(row_id: str, e: InputError) -> dict:
+    """A row of a build's problems list: the sample, the file at fault and the reason."""
     return {"id": row_id, "file": e.path, "reason": e.problem}
 
 
@@ -644,7 +645,7 @@ def _under(path: str | None, root: str | Path | None) -> str | None:
     return str(Path(root) / path)
 
 
-def _with_columns(table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+def with_columns(table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     """``table`` with at least ``columns`` (first, in that order), also when it has no rows."""
     for c in columns:
         if c not in table.columns:
