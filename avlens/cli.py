@@ -329,8 +329,9 @@ def run_command(
     question: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="KIND=PROMPT",
             help="Override the questions: kind=prompt (repeatable). Kinds: hear and see (scored against the "
-            "audio and visual labels), or any KIND with an expect_KIND column in the manifest."
+            "audio and visual labels), or any KIND with an expect_KIND column in the manifest.",
         ),
     ] = None,
 ) -> None:
@@ -445,7 +446,8 @@ def reproduce(
         "avlens-reproduce"
     ),
     model: Annotated[
-        list[str] | None, typer.Option(help="label=model to analyse instead of the organism (repeatable).")
+        list[str] | None,
+        typer.Option(metavar="LABEL=MODEL", help="label=model to analyse instead of the organism (repeatable)."),
     ] = None,
     base: Annotated[str | None, typer.Option(help="The vision-language base for token_shift.")] = None,
     data: Annotated[
