@@ -506,7 +506,7 @@ class QwenAdapter(Adapter):
             interleaved=[r["grids"] for r in rows],
             chunk_rule=self._chunk_rule,
         )
-        media = [r["media"] for r in rows if "media" in r]
+        media = [r["media"] for r in rows]
         return Inputs(tensors=tensors, layout=layout, samples=samples, errors=errors, media=media)
 
     # -- the decoder's inputs ---------------------------------------------------------------------------------

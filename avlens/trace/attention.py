@@ -54,10 +54,10 @@ def attention(
 
 
 def register() -> None:
-    """Register :func:`attention` (and sdpa's mask builder for it, so the model's own forward still works)."""
-    if AttentionInterface._global_mapping.get(NAME) is not attention:
-        AttentionInterface.register(NAME, attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)
+    """Register :func:`attention` (and sdpa's mask builder for it, so the model's own forward still works).
+    Called by every run: registering again is two dictionary writes."""
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def sdpa(

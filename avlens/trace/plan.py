@@ -8,7 +8,7 @@ condition: it is lowered once, for all its rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import KeysView, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -45,9 +45,9 @@ class Plan:
         """The operations of ``kind`` at ``layer`` (empty if none)."""
         return self.ops[kind].get(layer, ())
 
-    def layers(self, kind: str) -> frozenset[int]:
-        """The layers that have operations of ``kind``."""
-        return frozenset(self.ops[kind])
+    def layers(self, kind: str) -> KeysView[int]:
+        """The layers that have operations of ``kind`` (asked at every layer: a view, nothing built)."""
+        return self.ops[kind].keys()
 
     def sites(self, kind: str) -> frozenset[tuple[int, str]]:
         """(layer, site) pairs of the ``writes`` or ``states`` operations."""
