@@ -403,15 +403,14 @@ def _question_kinds(config: Any, data: Path) -> list[str]:
     visual labels), and any KIND the manifest has an ``expect_KIND`` column for."""
     if not hasattr(config, "questions"):
         return ["describe"]
-    kinds = dict.fromkeys([*config.questions, "hear", "see"])
-    try:
-        from .data import read_manifest
+    from .analyses.common import question_kinds
+    from .data import read_manifest
 
-        columns = read_manifest(data, required=()).columns
+    try:
+        columns = list(read_manifest(data, required=()).columns)
     except AvlensError:
         columns = []
-    kinds.update(dict.fromkeys(c[len("expect_") :] for c in columns if c.startswith("expect_")))
-    return list(kinds)
+    return question_kinds(config.questions, columns)
 
 
 def _failed_rows(out: Path, limit: int = 10) -> None:

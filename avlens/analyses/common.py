@@ -20,7 +20,7 @@ rows of the analysis's ``errors`` table, which a run lists at its end.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -102,10 +102,23 @@ def _condition(row: Mapping[str, Any]) -> str:
     return "factual" if cond == "congruent" else cond
 
 
+LABELLED = ("hear", "see")
+"""Question kinds scored against a row's labels (``audio_label``, ``visual_label``) when it has no
+``expect_<kind>`` column."""
+
+
+def question_kinds(questions: Iterable[str], columns: Iterable[str]) -> list[str]:
+    """The question kinds that can be scored on a manifest with ``columns``: the config's ``questions``, the
+    labelled kinds, and every KIND the manifest has an ``expect_KIND`` column for."""
+    kinds = dict.fromkeys([*questions, *LABELLED])
+    kinds.update(dict.fromkeys(c[len("expect_") :] for c in columns if c.startswith("expect_")))
+    return list(kinds)
+
+
 def expected_answer(row: Mapping[str, Any], kind: str, condition: str) -> str | None:
     """The right answer to question ``kind`` about a manifest row (None: unknown; see the module docstring)."""
     expected = _value(row, f"expect_{kind}")
-    if expected is not None or kind not in ("hear", "see"):
+    if expected is not None or kind not in LABELLED:
         return expected
     label = _value(row, "audio_label" if kind == "hear" else "visual_label")
     if label is not None:
