@@ -415,6 +415,7 @@ def _question_kinds(config: Any, data: Path) -> list[str]:
 
 def _failed_rows(out: Path, limit: int = 10) -> None:
     """List the items that failed (the ``*.errors`` tables of the run), at most ``limit``, on stderr."""
+    from .analyses.common import row_id
     from .runs import RunDir
 
     try:
@@ -426,7 +427,7 @@ def _failed_rows(out: Path, limit: int = 10) -> None:
     seen: dict[tuple[str, str], None] = {}
     for df in frames:
         for r in df.to_dict("records"):
-            row = str(r.get("id", "?")).rsplit("/", 1)[0]  # an item is <row id>/<question kind>
+            row = row_id(str(r.get("id", "?")))
             seen.setdefault((row, str(r.get("reason", ""))), None)
     if not seen:
         return

@@ -70,7 +70,7 @@ def plan_units(name: str, config: Any, manifest: Path, labels: Sequence[str]) ->
     questions = getattr(config, "questions", None) or {"describe": config.question}
     conditions = getattr(config, "conditions", None)
     items = items_from_manifest(manifest, questions, conditions=conditions)
-    items = sorted(items, key=lambda it: it.id.rsplit("/", 1)[0])  # stable: a row's questions keep their order
+    items = sorted(items, key=lambda it: it.clip)  # stable: a row's questions keep their order
     size = max(1, min(int(getattr(config, "batch_size", 8) or 8), 48))
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
     return {label: {f"{name}/{label}/{size}-{j:04d}": c for j, c in enumerate(chunks)} for label in labels}

@@ -58,12 +58,17 @@ class Item:
     expected: str | None
     problem: str | None = None
 
+    @property
+    def clip(self) -> str:
+        """The id of the manifest row the item asks about."""
+        return row_id(self.id)
+
     def record(self, **fields: Any) -> dict[str, Any]:
         """A record about this item: its id, the manifest row (``clip``), condition, question and labels, then
         ``fields``."""
         return {
             "id": self.id,
-            "clip": self.id.rpartition("/")[0] or self.id,  # the id is "<row id>/<question kind>"
+            "clip": self.clip,
             "condition": self.condition,
             "question": self.kind,
             "audio_label": self.audio_label,
@@ -84,6 +89,11 @@ class Item:
         if s.video is not None and s.video_audio:
             return "av"
         return "v" if s.video is not None else "a"
+
+
+def row_id(item_id: str) -> str:
+    """The manifest row of an item id, which is ``<row id>/<question kind>``."""
+    return item_id.rpartition("/")[0] or item_id
 
 
 def _value(row: Mapping[str, Any], key: str) -> Any:
