@@ -93,6 +93,20 @@ def test_snr_controls_background_noise():
     assert in_band(0.0) < 0.7
 
 
+@pytest.mark.parametrize("label", CLASSES)
+def test_a_late_sound_is_only_background_before_its_onset(label):
+    """With ``onset`` the thing starts sounding at the drawn time: before it the track is the background noise
+    alone, after it the sound is there."""
+    cfg = WorldConfig(duration=3.0, onset=(1.0, 1.0), snr_db=(20.0, 20.0))
+    audio = render_audio(label, np.random.default_rng(3), cfg)
+    before, after = audio[: 16000 - 400], audio[16000 + 400 :]
+    rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
+    assert rms(before) < 0.3 * rms(after)  # 20 dB of SNR: the background is about 10% of the sound
+    assert rms(before) > 0  # the background plays throughout
+    with pytest.raises(InputError):
+        WorldConfig(duration=2.0, onset=(0.5, 2.0))
+
+
 def _decode(mp4: Path) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
     """Stream (type, codec) pairs, decoded RGB frames (T, H, W, 3) and decoded mono audio (n,) of a file."""
     with av.open(str(mp4)) as container:

@@ -102,6 +102,8 @@ class WorldConfig:
         fps: frames per second written to the video file.
         sampling_rate: audio samples per second.
         snr_db: range of the signal-to-background-noise ratio of the audio, in dB.
+        onset: range of the time, in seconds, at which the thing starts making its sound (drawn per clip);
+            before it the track holds only the background noise. (0, 0): the sound plays from the start.
     """
 
     duration: float = 2.0
@@ -110,6 +112,7 @@ class WorldConfig:
     fps: int = 8
     sampling_rate: int = 16000
     snr_db: tuple[float, float] = (5.0, 20.0)
+    onset: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         if not self.duration > 0:
@@ -123,6 +126,10 @@ class WorldConfig:
             raise InputError(f"snr_db must be (low, high), got {self.snr_db}")
         # a JSON round trip gives a list; keep the field hashable and comparable
         object.__setattr__(self, "snr_db", (float(lo), float(hi)))
+        start, stop = self.onset
+        if not 0 <= start <= stop < self.duration:
+            raise InputError(f"onset must be (low, high) within [0, duration), got {self.onset}")
+        object.__setattr__(self, "onset", (float(start), float(stop)))
 
     @property
     def n_frames(self) -> int:
@@ -468,6 +475,8 @@ def render_audio(label: str, rng: np.random.Generator, cfg: WorldConfig) -> np.n
     sr, n = cfg.sampling_rate, cfg.n_samples
     t = np.arange(n) / sr
     clean = _synth(label, rng, t, sr, cfg.duration)
+    if cfg.onset[1] > 0:  # the sound starts late: silent before the onset, with a 20 ms fade-in
+        clean = clean * np.clip((t - rng.uniform(*cfg.onset)) / 0.02, 0, 1)
     clean = clean / (np.sqrt(np.mean(clean * clean)) + 1e-12)
     snr_db = rng.uniform(*cfg.snr_db)
     x = clean + _background_noise(rng, n) * 10 ** (-snr_db / 20)
