@@ -25,7 +25,7 @@ import torch
 
 from avlens.organism.card import dominance_table, write_model_card
 from avlens.organism.checkpoints import HERE, SHIPPED
-from avlens.organism.recipes import SWEEP_GRID, Pipeline, Setup, evaluate_checkpoint, train
+from avlens.organism.recipes import SWEEP_GRID, Pipeline, Setup, evaluate_checkpoint, measure_magnitudes, train
 
 BASE = "vl-base"
 
@@ -46,6 +46,8 @@ def main() -> None:
     sweep = pd.read_parquet(args.sweep / "dominance_map.parquet") if args.sweep else None
     for name in SHIPPED:
         directory = args.out / name
+        if not (directory / "magnitudes.parquet").exists():
+            measure_magnitudes(directory, setup=Setup(seed=args.seed), world_root=args.out / "worlds")
         card = json.loads((directory / "organism.json").read_text())
         write_model_card(directory, pd.read_parquet(directory / "eval.parquet"), notes=_notes(name, sweep, card))
     if args.ship:

@@ -167,3 +167,37 @@ def test_shipped_checkpoints_load_offline_and_answer(tmp_path):
         if name == "av-balanced":
             assert s["swapped_by_modality"] >= 0.7, s
     assert avlens.load("organism").source == str(checkpoint_path("av-vision-heavy"))
+
+
+def test_activation_magnitudes_match_forward_hooks_on_the_decoder_layers(bank):
+    """The massive-activation measure equals max|h| / median|h| of each decoder layer's own output, read by forward
+    hooks on transformers' modules (reference), and names where the largest sits."""
+    from avlens.organism.evaluate import activation_magnitudes
+
+    adapter = new_organism(SMALL, seed=5)
+    with torch.no_grad():  # plant a massive activation: a large bias on one dimension of the first layer's MLP
+        adapter.model.model.language_model.layers[0].mlp.down_proj.weight[7].mul_(300.0)
+    sample = bank.sample(ExampleSampler(bank, Mixture(unimodal=0, multi=0), 0).draw(), "s0")
+    df = activation_magnitudes(adapter, [sample])
+    outputs = {}
+    layers = adapter.model.model.language_model.layers
+
+    def keep(k: int):
+        def hook(module, args, output):
+            outputs[k + 1] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    hooks = [layer.register_forward_hook(keep(k)) for k, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            adapter.model(**adapter.model_inputs(adapter.prepare([sample], interleave=True)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(df.layer) == list(range(1, len(layers) + 1))
+    for row in df.itertuples():
+        a = outputs[row.layer][0].abs()
+        assert row.top_ratio == pytest.approx(float(a.max() / a.median()), rel=1e-4)
+    assert set(df.dim) == {7}  # the planted dimension carries the largest activation at every layer
+    assert df.top_ratio.min() > 20

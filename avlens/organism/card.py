@@ -48,6 +48,39 @@ def follows_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _magnitudes(directory: Path) -> str:
+    path = directory / "magnitudes.parquet"
+    if not path.exists():
+        return ""
+    mag = pd.read_parquet(path)
+    return (
+        "## Massive activations\n"
+        f"The largest |activation| of the residual stream after each layer divided by its median |activation| "
+        f"(Sun et al. 2024's measure), on {mag['sample'].nunique()} held-out congruent clips (one forward each, "
+        "no padding). Real LLMs show ratios in the hundreds to thousands at a few fixed dimensions of the first "
+        "tokens from an early layer on; nothing here was trained to produce or avoid them.\n\n"
+        + magnitude_table(mag)
+        + "\n"
+    )
+
+
+def magnitude_table(mag: pd.DataFrame) -> str:
+    """Markdown table: per layer, the largest |activation| / median |activation| of the residual stream (median
+    and largest over the clips), and where the largest sits (its dimension and token group, most common first)."""
+    lines = [
+        "| layer | top / median (median over clips) | largest | dimension | token group |",
+        "|---|---|---|---|---|",
+    ]
+    for layer, sel in mag.groupby("layer"):
+        dims = sel.dim.value_counts()
+        groups = sel.group.value_counts()
+        lines.append(
+            f"| {layer} | {sel.top_ratio.median():.1f} | {sel.top_ratio.max():.1f} | "
+            f"{dims.index[0]} ({dims.iloc[0]}/{len(sel)}) | {groups.index[0]} ({groups.iloc[0]}/{len(sel)}) |"
+        )
+    return "\n".join(lines)
+
+
 def write_model_card(directory: Path, df: pd.DataFrame, *, notes: str = "") -> Path:
     """Write ``directory/MODEL.md`` from its organism.json and the evaluation records ``df``."""
     card = json.loads((directory / "organism.json").read_text())
@@ -93,6 +126,7 @@ Sum of the stage times: {card.get("train_seconds", 0):.0f} s.
 
 {follows_table(df)}
 
+{_magnitudes(directory)}
 {notes}
 """
     path = directory / "MODEL.md"

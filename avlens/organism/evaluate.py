@@ -20,7 +20,7 @@ import torch
 
 from ..media import load_audio, load_video
 from ..models.base import Clip, Sample
-from ..trace import generate, run
+from ..trace import Capture, generate, run
 from .data import (
     DESCRIBE,
     DESCRIBE_SEEN,
@@ -285,4 +285,55 @@ def evaluate_bank(adapter, batcher: Batcher, examples: Iterable[tuple], batch_si
                 "follows": follows(ans, a, v),
             }
         )
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Massive activations
+# ---------------------------------------------------------------------------------------------------------
+MAGNITUDE_GROUPS = ("video", "audio", "question", "last")
+
+
+@torch.no_grad()
+def activation_magnitudes(adapter, samples: list[Sample], interleave: bool = True) -> pd.DataFrame:
+    """The largest normalised activation magnitudes of the residual stream, per layer (as Sun et al. 2024 measure
+    massive activations): for each sample and layer output l (1..n_layers), the largest |h| over positions and
+    dimensions divided by the median |h|, and where it sits (the position's token group, or "start" for the
+    prompt's first tokens before the media). One sample per forward (no padding).
+
+    Returns: one row per (sample, layer): sample, layer, top_ratio, top_value, median, dim, position, group.
+    """
+    rows = []
+    for sample in samples:
+        inputs = adapter.prepare([sample], interleave=interleave)
+        trace = run(adapter, inputs, capture=[Capture.residual()])
+        layout = trace.layout
+        for layer, h in trace.captures["residual"].items():
+            if layer == 0:
+                continue
+            a = h[0].abs()  # (L, D)
+            median = float(a.median())
+            flat = int(a.argmax())
+            pos, dim = divmod(flat, a.shape[1])
+            group = next((g for g in MAGNITUDE_GROUPS if g in layout.groups and bool(layout.groups[g][0, pos])), None)
+            first_media = min(
+                (
+                    int(layout.groups[g][0].nonzero()[0])
+                    for g in ("video", "audio")
+                    if g in layout.groups and bool(layout.groups[g][0].any())
+                ),
+                default=0,
+            )
+            rows.append(
+                {
+                    "sample": sample.id,
+                    "layer": layer,
+                    "top_ratio": float(a.max()) / max(median, 1e-12),
+                    "top_value": float(a.max()),
+                    "median": median,
+                    "dim": dim,
+                    "position": pos,
+                    "group": group or ("start" if pos < first_media else "text"),
+                }
+            )
     return pd.DataFrame(rows)

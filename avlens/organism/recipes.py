@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..models import load
 from .data import Batcher, load_bank, make_world
-from .evaluate import bank_examples, evaluate_bank, evaluate_world, summary
+from .evaluate import activation_magnitudes, bank_examples, evaluate_bank, evaluate_world, summary, world_items
 from .model import OrganismConfig, new_organism, save_organism
 from .train import STAGE0_AUDIO, STAGE0_TEXT, STAGE0_VISION, STAGE1, Recipe, Stage, stage2, train_stage
 
@@ -263,6 +263,21 @@ def evaluate_checkpoint(directory: Path, *, setup: Setup = Setup(), progress=Non
     card = json.loads((directory / "organism.json").read_text())
     card["eval"] = summary(df)
     (directory / "organism.json").write_text(json.dumps(card, indent=2))
+    return df
+
+
+def measure_magnitudes(directory: Path, *, setup: Setup = Setup(), clips: int = 24, world_root=None) -> pd.DataFrame:
+    """The largest normalised residual activations per layer (see :func:`activation_magnitudes`) of a
+    checkpoint on ``clips`` congruent clips of the held-out world, asked "what do you hear?" (the vision-language
+    base: "what do you see?" on the video alone); writes magnitudes.parquet."""
+    adapter = load(directory)
+    pipe = Pipeline(directory.parent, setup, None, world_root)
+    items = world_items(pipe.test_manifest(), yes_no=False, describe=False, multi=0)
+    base = json.loads((directory / "organism.json").read_text()).get("recipe") == "vl-base"
+    wanted = ("video-only", "see") if base else ("congruent", "hear")
+    samples = [it.sample for it in items if (it.condition, it.kind) == wanted][:clips]
+    df = activation_magnitudes(adapter, samples, interleave=not base)
+    df.to_parquet(directory / "magnitudes.parquet")
     return df
 
 
