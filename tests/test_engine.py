@@ -259,6 +259,38 @@ def test_attention_mass_equals_eager_weights(models, family):
             assert (out.captures["attention"][i][..., g] - expected).abs().max() <= ATOL, (i, key)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("query", ["all", "video", "audio+question"])
+def test_received_attention_equals_eager_column_sums(models, family, query):
+    """Capture.received: the attention each position receives from strictly later query positions, summed, per
+    head; equal to the column sums of transformers' own eager attention weights (padded rows included)."""
+    adapter, inputs = _batch(models, family)
+    if "audio" in query and not adapter.has_audio:
+        query = "question"
+    out = run(adapter, inputs, capture=[Capture.received(query)])
+    cap = Capture.received(query)
+    before = adapter.text_attention
+    adapter.set_text_attention("eager")
+    try:
+        with torch.no_grad():
+            att = adapter.model(**adapter.model_inputs(inputs), output_attentions=True).attentions
+    finally:
+        adapter.set_text_attention(before)
+    lay = inputs.layout
+    q = lay.mask(query).float()
+    length = lay.length
+    later = torch.arange(length)[:, None] > torch.arange(length)[None, :]  # (Q, K): q after k
+    for i in range(adapter.n_layers):
+        expected = torch.einsum("bhqk,bq,qk->bhk", att[i].float(), q, later.float())
+        got = out.captures["received"][i]
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() <= ATOL, i
+    count = cap.count(lay)
+    assert torch.equal(count, torch.einsum("bq,qk->bk", q, later.float()))
+    with pytest.raises(ValueError, match="run_conditions"):
+        run_conditions(adapter, inputs, {"none": []}, capture=[cap])
+
+
 def test_steer_post_is_renormalised_amplification(omni):
     """At the steered layer itself, A + alpha*|A| on the key columns, renormalised, in the heads asked."""
     inputs = omni.prepare(samples_for(omni, 2, 2))

@@ -9,6 +9,7 @@ from .interventions import (
     Intervention,
     Knockout,
     Patch,
+    ReceivedCapture,
     ResidualCapture,
     Steer,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "Intervention",
     "Knockout",
     "Patch",
+    "ReceivedCapture",
     "ResidualCapture",
     "Steer",
     "Trace",

@@ -47,7 +47,7 @@ from transformers import DynamicCache
 from ..layout import TokenLayout
 from ..models.base import Adapter, Embedded, Inputs
 from .attention import ACTIVE, BACKENDS, NAME, masked_softmax, probabilities, register, repeat_kv
-from .interventions import AnyCapture, Intervention
+from .interventions import AnyCapture, Intervention, ReceivedCapture
 from .ops import BiasLogits, BlockEdges
 from .plan import Plan, compile_plan
 
@@ -147,6 +147,10 @@ def _run_conditions(
     incremental: bool,
     max_rows: int,
 ) -> dict[str, Trace]:
+    if any(isinstance(c, ReceivedCapture) for c in capture):
+        raise ValueError(
+            "Capture.received works with run() and generate(): run_conditions re-runs only part of each sequence"
+        )
     emb = adapter.embed(inputs)
     layout, n, b = inputs.layout, adapter.n_layers, inputs.batch_size
     starts = {name: start_of(ivs, layout, n) for name, ivs in conditions.items()}
@@ -404,6 +408,7 @@ class _Forward:
             logits == "last"
             and not states & {(self.n, "residual"), (last, "attn_out"), (last, "mlp_out")}
             and last not in self.plan.layers("attention")
+            and last not in self.plan.layers("received")
         )
 
     # -- strategies: where a pass starts ------------------------------------------------------------------------
@@ -671,7 +676,7 @@ class _Forward:
         prefix = self.prefix.get(layer)
         k_len = key.shape[2] + (0 if prefix is None else prefix[0].shape[2])
         mask = self._mask(layer, query.shape[2], k_len)
-        if layer in self.plan.layers("attention"):
+        if layer in self.plan.layers("attention") or layer in self.plan.layers("received"):
             full = key if prefix is None else torch.cat([prefix[0][self.rows], key], 2)
             self._record_attention(layer, module, query, full, mask, scaling)
         if prefix is not None:
@@ -755,15 +760,34 @@ class _Forward:
         self, layer: int, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float
     ) -> None:
         q_pos, k_pos = self.now.q_pos, self.k_pos[layer]
-        for op in self.plan.at("attention", layer):
-            sel = _gather(op.query.to(q_pos.device), q_pos)  # (R, Q)
+
+        def rows_probabilities(query_mask: torch.Tensor):
+            """(sel (R, Q), cols, probabilities (R, H, len(cols), K)) of the query positions in ``query_mask``."""
+            sel = _gather(query_mask.to(q_pos.device), q_pos)  # (R, Q)
             cols = sel.any(0).nonzero().flatten()
             if len(cols) == 0:
-                continue
+                return sel, cols, None
             sub_mask = None if mask is None else mask[:, :, cols]
             if sub_mask is None:  # causal, no padding: build the rows' causal mask explicitly
                 sub_mask = (k_pos[:, None, :] <= q_pos[:, cols][:, :, None])[:, None]
-            probs = probabilities(module, query[:, :, cols], key, sub_mask, scaling).float()
+            return sel, cols, probabilities(module, query[:, :, cols], key, sub_mask, scaling).float()
+
+        for op in self.plan.at("received", layer):
+            sel, cols, probs = rows_probabilities(op.query)
+            if probs is None:
+                continue
+            later = (k_pos[:, None, :] < q_pos[:, cols][:, :, None]) & sel[:, cols][:, :, None]  # (R, Qc, K)
+            got = torch.einsum("rhqk,rqk->rhk", probs, later.to(probs.dtype))  # (R, H, K)
+            store = self.mass.setdefault(op.name, {})
+            if layer not in store:
+                store[layer] = got.new_zeros(len(self.rows), got.shape[1], self.layout.length)
+            inside = (k_pos >= 0) & (k_pos < self.layout.length)  # (decoding keys beyond the prompt get none)
+            index = torch.where(inside, k_pos, 0)[:, None, :].expand_as(got)
+            store[layer].scatter_add_(2, index, got * inside[:, None, :].to(got.dtype))
+        for op in self.plan.at("attention", layer):
+            sel, cols, probs = rows_probabilities(op.query)
+            if probs is None:
+                continue
             mass = torch.einsum("rhqk,rkg->rhqg", probs, _gather(op.keys.to(probs.device), k_pos))
             store = self.mass.setdefault(op.name, {})
             if layer not in store:

@@ -43,6 +43,7 @@ from .ops import (
     Lowering,
     Op,
     RecordAttention,
+    RecordReceived,
     Records,
     RecordState,
     WriteState,
@@ -377,6 +378,49 @@ class AttentionCapture:
         return out
 
 
+@dataclass(frozen=True)
+class ReceivedCapture:
+    """The attention each position receives from the ``query`` positions after it, per layer and head.
+
+    Result per layer: (B, H, L) = for every row, head and key position k, the attention probability summed over
+    the query positions q > k (the position's own query excluded); ``count(layout)`` gives how many query
+    positions that is, (B, L), so ``result / count`` is the mean attention a position receives from later
+    queries (StreamingLLM's and P2's attention sinks). Computed inside the attention function for the query
+    rows only (sdpa or eager), never as a full attention matrix. Supported by ``run`` and ``generate`` (every
+    query is computed once there), not by ``run_conditions``.
+    """
+
+    name: str
+    query: Positions
+    layers: tuple[int, ...] | None = None
+
+    def all_layers(self, n_layers: int) -> tuple[int, ...]:
+        return self.layers if self.layers is not None else tuple(range(n_layers))
+
+    def validate(self, layout: TokenLayout, n_layers: int) -> None:
+        check_layers(self.all_layers(n_layers), n_layers, f"Capture {self.name!r}")
+        positions_mask(self.query, layout)
+
+    def records(self, layout: TokenLayout, n_layers: int) -> list[Op]:
+        q = positions_mask(self.query, layout)
+        return [RecordReceived(i, self.name, q) for i in self.all_layers(n_layers)]
+
+    def count(self, layout: TokenLayout) -> torch.Tensor:
+        """(B, L): how many query positions come after each position."""
+        q = positions_mask(self.query, layout).float()
+        return q.flip(1).cumsum(1).flip(1) - q  # queries at positions > k
+
+    def result(self, records: Records, layout: TokenLayout) -> dict[int, torch.Tensor]:
+        """layer -> (B, H, L): the attention each position receives, summed over the later query positions."""
+        out = {}
+        for i in self.all_layers(records.n_layers):
+            m = records.mass(self.name, i)
+            if m is None:
+                m = torch.full((layout.valid.shape[0], records.n_heads, layout.length), float("nan"))
+            out[i] = m
+        return out
+
+
 class Capture:
     """Builders of the two kinds of capture; results land in ``Trace.captures[name]``, keyed by layer."""
 
@@ -404,5 +448,12 @@ class Capture:
         """Attention mass from ``query`` to each of ``keys``; see :class:`AttentionCapture`."""
         return AttentionCapture(name, _positions(query), tuple(_positions(k) for k in keys), _layers(layers))
 
+    @staticmethod
+    def received(
+        query: str | Iterable[int] = "all", layers: int | Iterable[int] | None = None, *, name: str = "received"
+    ) -> ReceivedCapture:
+        """The attention each position receives from later ``query`` positions; see :class:`ReceivedCapture`."""
+        return ReceivedCapture(name, _positions(query), _layers(layers))
 
-AnyCapture = ResidualCapture | AttentionCapture
+
+AnyCapture = ResidualCapture | AttentionCapture | ReceivedCapture

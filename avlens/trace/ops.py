@@ -9,7 +9,7 @@ intervention classes, so a new intervention is one class whose ``lower`` yields 
 - :class:`BiasLogits`: an additive bias on the pre-softmax attention logits of some edges and heads.
 - :class:`WriteState`: overwrite the state at a site (residual, attention input, attention output, MLP output).
 - :class:`DropPositions`: remove positions from the sequence and the KV cache from a layer on.
-- :class:`RecordState` / :class:`RecordAttention`: what captures lower into.
+- :class:`RecordState` / :class:`RecordAttention` / :class:`RecordReceived`: what captures lower into.
 
 Every op has a ``layer`` and a ``kind`` (the plan's field it belongs to, see :class:`avlens.trace.plan.Plan`).
 """
@@ -106,7 +106,18 @@ class RecordAttention:
     keys: torch.Tensor
 
 
-Op = BlockEdges | BiasLogits | WriteState | DropPositions | RecordState | RecordAttention
+@dataclass(frozen=True, eq=False)
+class RecordReceived:
+    """Record, at ``layer``, the attention each key position receives from the ``query`` (R, L) positions after
+    it (strictly later), summed over those queries, per head, under the capture's ``name``."""
+
+    kind: ClassVar[str] = "received"
+    layer: int
+    name: str
+    query: torch.Tensor
+
+
+Op = BlockEdges | BiasLogits | WriteState | DropPositions | RecordState | RecordAttention | RecordReceived
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,4 +176,5 @@ class Records(Protocol):
 
     def mass(self, name: str, layer: int) -> torch.Tensor | None:
         """The attention mass capture ``name`` recorded at ``layer``, (B, H, L, G) per query position and key
-        group (zero at positions that are not queries), or None if that layer recorded none."""
+        group (zero at positions that are not queries), or None if that layer recorded none; for a received
+        capture, (B, H, L) per key position."""

@@ -19,7 +19,7 @@ from ..layout import TokenLayout
 from .interventions import AnyCapture, Intervention
 from .ops import Lowering, Op
 
-KINDS = ("blocks", "biases", "writes", "drops", "states", "attention")
+KINDS = ("blocks", "biases", "writes", "drops", "states", "attention", "received")
 SITED = ("writes", "states")  # the kinds whose operations name a site
 
 
@@ -57,7 +57,7 @@ class Plan:
     def attention_only(self) -> bool:
         """True if the plan acts only through attention (blocked edges and biased logits): such conditions can
         ride along in another run's pass (folded slots)."""
-        return not any(self.ops[k] for k in ("writes", "drops", "states", "attention"))
+        return not any(self.ops[k] for k in ("writes", "drops", "states", "attention", "received"))
 
 
 def compile_plan(
