@@ -12,7 +12,7 @@ import importlib
 from ..errors import InputError
 from .base import Analysis
 
-BUILTIN = ("counterfactual", "probe", "logit_lens", "knockout", "token_shift", "attention_share")
+BUILTIN = ("counterfactual", "probe", "logit_lens", "knockout", "token_shift", "attention_share", "sinks")
 """The built-in analyses, in report order: each is the module ``avlens.analyses.<name>``, whose ``SPEC`` is its
 :class:`~avlens.analyses.base.Analysis`."""
 
