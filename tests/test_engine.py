@@ -289,6 +289,8 @@ def test_received_attention_equals_eager_column_sums(models, family, query):
     assert torch.equal(count, torch.einsum("bq,qk->bk", q, later.float()))
     with pytest.raises(ValueError, match="run_conditions"):
         run_conditions(adapter, inputs, {"none": []}, capture=[cap])
+    with pytest.raises(ValueError, match="generate"):
+        generate(adapter, inputs, max_new_tokens=2, capture=[cap])
 
 
 def test_steer_post_is_renormalised_amplification(omni):

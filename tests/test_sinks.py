@@ -58,7 +58,7 @@ def test_a_planted_massive_dimension_is_found_and_its_positions_are_the_sinks(pl
     assert s.dims_found == 1 and s.dims == [PLANTED] and s.n_items == 4
     inputs = adapter.prepare([it.sample for it in _items(adapter)])
     for b, it in enumerate(_items(adapter)):
-        ids = inputs.input_ids[b]
+        ids = inputs.input_ids[b][inputs.layout.valid[b]]  # positions count from the prompt's first token
         expected = set((ids == start).nonzero().flatten().tolist())
         got = t["sinks"][t["sinks"].id == it.id]
         assert set(got.position) == expected  # every <|im_start|>, nothing else

@@ -117,6 +117,7 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
         counts = {c.name: c.count(layout) for c in caps[1:]}
         for b, it in enumerate(chunk):
             valid = layout.valid[b]
+            first = int(valid.nonzero()[0])  # positions are recorded from the prompt's first token (no padding)
             group, chunk_of = token_groups(layout, b)
             per = {}
             for name in counts:  # mean over heads, then per later query: (layers, L)
@@ -133,7 +134,7 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
             for p in valid.nonzero().flatten().tolist():
                 positions.append(
                     it.record(
-                        position=p,
+                        position=p - first,
                         group=group[p],
                         chunk=chunk_of[p],
                         length=int(valid.sum()),
@@ -154,7 +155,7 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
                         layer=layer,
                         largest=float(a.max()),
                         dim=d,
-                        position=int(where[p]),
+                        position=int(where[p]) - first,
                         group=group[int(where[p])],
                         median=float(a.median()),
                         length=int(valid.sum()),
@@ -164,7 +165,9 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
                 )
                 for p, d in (a > tau).nonzero().tolist():
                     pos = int(where[p])
-                    hits.append(it.record(position=pos, layer=layer, dim=d, value=float(a[p, d]), group=group[pos]))
+                    hits.append(
+                        it.record(position=pos - first, layer=layer, dim=d, value=float(a[p, d]), group=group[pos])
+                    )
     return {"positions": positions, "hits": hits, "peaks": peaks, "errors": errors}
 
 

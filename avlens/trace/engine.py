@@ -147,10 +147,7 @@ def _run_conditions(
     incremental: bool,
     max_rows: int,
 ) -> dict[str, Trace]:
-    if any(isinstance(c, ReceivedCapture) for c in capture):
-        raise ValueError(
-            "Capture.received works with run() and generate(): run_conditions re-runs only part of each sequence"
-        )
+    _refuse_received(capture, "run_conditions re-runs only part of each sequence")
     emb = adapter.embed(inputs)
     layout, n, b = inputs.layout, adapter.n_layers, inputs.batch_size
     starts = {name: start_of(ivs, layout, n) for name, ivs in conditions.items()}
@@ -206,6 +203,11 @@ def _run_conditions(
     return {name: out[name] for name in conditions}
 
 
+def _refuse_received(capture: Sequence[AnyCapture], why: str) -> None:
+    if any(isinstance(c, ReceivedCapture) for c in capture):
+        raise ValueError(f"Capture.received works with run() only: {why}")
+
+
 @torch.no_grad()
 def generate(
     adapter: Adapter,
@@ -222,6 +224,7 @@ def generate(
     it acts on them. Rows stop at the model's end-of-turn tokens; a stopped row's tokens are -1 and its step
     logits NaN from then on.
     """
+    _refuse_received(capture, "generate() would count decoding queries of stopped rows")
     with _avlens_attention(adapter):
         emb = adapter.embed(inputs)
         layout = inputs.layout.extend(max_new_tokens)

@@ -386,8 +386,8 @@ class ReceivedCapture:
     the query positions q > k (the position's own query excluded); ``count(layout)`` gives how many query
     positions that is, (B, L), so ``result / count`` is the mean attention a position receives from later
     queries (StreamingLLM's and P2's attention sinks). Computed inside the attention function for the query
-    rows only (sdpa or eager), never as a full attention matrix. Supported by ``run`` and ``generate`` (every
-    query is computed once there), not by ``run_conditions``.
+    rows only (sdpa or eager), never as a full attention matrix. Supported by ``run`` (one pass, every query
+    computed once); ``run_conditions`` and ``generate`` refuse it.
     """
 
     name: str
