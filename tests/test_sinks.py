@@ -56,6 +56,9 @@ def test_a_planted_massive_dimension_is_found_and_its_positions_are_the_sinks(pl
     assert t["dims"].dim.tolist() == [PLANTED]
     s = sinks.summarize(t)
     assert s.dims_found == 1 and s.dims == [PLANTED] and s.n_items == 4
+    assert set(s.by_received) == {"video", "audio", "text"} and sum(s.by_received.values()) == pytest.approx(
+        1, abs=2e-3
+    )
     inputs = adapter.prepare([it.sample for it in _items(adapter)])
     for b, it in enumerate(_items(adapter)):
         ids = inputs.input_ids[b][inputs.layout.valid[b]]  # positions count from the prompt's first token

@@ -33,7 +33,7 @@ showed (per layer, in ``peaks``), not an empty figure.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import pandas as pd
@@ -117,7 +117,8 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
         counts = {c.name: c.count(layout) for c in caps[1:]}
         for b, it in enumerate(chunk):
             valid = layout.valid[b]
-            first = int(valid.nonzero()[0])  # positions are recorded from the prompt's first token (no padding)
+            where = valid.nonzero().flatten()  # the row's positions; recorded from its first (no padding)
+            first, length = int(where[0]), len(where)
             group, chunk_of = token_groups(layout, b)
             per = {}
             for name in counts:  # mean over heads, then per later query: (layers, L)
@@ -131,13 +132,13 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
             else:
                 mds_mean = torch.full((layout.length,), torch.nan)
             received = per["received_all"].mean(0)
-            for p in valid.nonzero().flatten().tolist():
+            for p in where.tolist():
                 positions.append(
                     it.record(
                         position=p - first,
                         group=group[p],
                         chunk=chunk_of[p],
-                        length=int(valid.sum()),
+                        length=length,
                         received=float(received[p]),
                         received_video=float(per["received_video"][:, p].mean()) if "video" in present else None,
                         received_audio=float(per["received_audio"][:, p].mean()) if "audio" in present else None,
@@ -145,9 +146,7 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
                     )
                 )
             for layer in range(n_layers):
-                x = rms_normalise(trace.captures["residual"][layer][b][valid])  # (n, D)
-                where = valid.nonzero().flatten()
-                a = x.abs()
+                a = rms_normalise(trace.captures["residual"][layer][b][valid]).abs()  # (n, D)
                 top = int(a.argmax())
                 p, d = divmod(top, a.shape[1])
                 peaks.append(
@@ -158,7 +157,7 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
                         position=int(where[p]) - first,
                         group=group[int(where[p])],
                         median=float(a.median()),
-                        length=int(valid.sum()),
+                        length=length,
                         tau=tau,
                         ceiling=math.sqrt(hidden),
                     )
@@ -266,43 +265,39 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
         return Summary(0, [], "", *[None] * 10)
     tau = float(peaks.tau.iloc[0])
     ceiling = float(peaks.ceiling.iloc[0])
-    threshold = f"tau = {tau:.3g} on RMS-normalised values (ceiling sqrt(hidden) = {ceiling:.3g})"
-    n_items = int(peaks.id.nunique())
-    first_n = int(next((c[5:] for c in sinks.columns if c.startswith("top_n")), 2))
-    by_received = _received_groups(positions, first_n)
+    first = next((c for c in sinks.columns if c.startswith("top_n")), "top_n2")  # the K of the first N
     base = Summary(
-        len(dims), [int(d) for d in dims.dim], threshold, num(peaks.largest.max(), 3), num(ceiling, 3),
-        None, None, None, None, None, None, None, None, by_received, n_items,
+        dims_found=len(dims),
+        dims=[int(d) for d in dims.dim],
+        threshold=f"tau = {tau:.3g} on RMS-normalised values (ceiling sqrt(hidden) = {ceiling:.3g})",
+        largest=num(peaks.largest.max(), 3),
+        ceiling=num(ceiling, 3),
+        sinks_per_item=None, share_video=None, share_audio=None, share_text=None, mds_video_sinks=None,
+        mds_audio_sinks=None, overlap=None, received_ratio=None,
+        by_received=_received_groups(positions, int(first[5:])),
+        n_items=int(peaks.id.nunique()),
     )  # fmt: skip
     if dims.empty or sinks.empty:
         return base
-    first = next(c for c in sinks.columns if c.startswith("top_n"))
     top = sinks[sinks[first]]
     shares = top.group.value_counts(normalize=True)
     overlap = []
-    for item, sel in positions.groupby("id"):
-        k = len(top[top.id == item])
-        if k == 0:
-            continue
-        by_hits = set(top[top.id == item].position)
-        by_received = set(sel.nlargest(k, "received").position)
-        overlap.append(len(by_hits & by_received) / k)
+    for item, sel in top.groupby("id"):
+        k = len(sel)
+        most_received = set(positions[positions.id == item].nlargest(k, "received").position)
+        overlap.append(len(set(sel.position) & most_received) / k)
     mean_received = positions.groupby("id").received.mean()
     ratio = (top.groupby("id").received.mean() / mean_received.reindex(top.id.unique())).mean()
-    return Summary(
-        base.dims_found,
-        base.dims,
-        threshold,
-        base.largest,
-        base.ceiling,
-        num(top.groupby("id").size().reindex(peaks.id.unique(), fill_value=0).mean(), 2),
-        *(num(shares.get(g, 0.0), 3) for g in GROUPS),
-        num(top[top.group == "video"].mds.mean(), 3),
-        num(top[top.group == "audio"].mds.mean(), 3),
-        num(sum(overlap) / len(overlap), 3) if overlap else None,
-        num(ratio, 2),
-        by_received,
-        n_items,
+    return replace(
+        base,
+        sinks_per_item=num(top.groupby("id").size().reindex(peaks.id.unique(), fill_value=0).mean(), 2),
+        share_video=num(shares.get("video", 0.0), 3),
+        share_audio=num(shares.get("audio", 0.0), 3),
+        share_text=num(shares.get("text", 0.0), 3),
+        mds_video_sinks=num(top[top.group == "video"].mds.mean(), 3),
+        mds_audio_sinks=num(top[top.group == "audio"].mds.mean(), 3),
+        overlap=num(sum(overlap) / len(overlap), 3) if overlap else None,
+        received_ratio=num(ratio, 2),
     )
 
 
