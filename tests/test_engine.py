@@ -237,19 +237,24 @@ def test_captured_residuals_equal_output_hidden_states(models, family):
     assert torch.allclose(mean, torch.stack(rows), atol=1e-6)
 
 
+def _eager_attentions(adapter, inputs) -> tuple[torch.Tensor, ...]:
+    """transformers' own attention weights, one (B, H, L, L) per layer, from its eager attention."""
+    before = adapter.text_attention
+    adapter.set_text_attention("eager")
+    try:
+        with torch.no_grad():
+            return adapter.model(**adapter.model_inputs(inputs), output_attentions=True).attentions
+    finally:
+        adapter.set_text_attention(before)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_mass_equals_eager_weights(models, family):
     adapter, inputs = _batch(models, family)
     keys = ["video", "question", "audio"] if adapter.has_audio else ["video", "question"]
     query = "question+last"
     out = run(adapter, inputs, capture=[Capture.attention(query, keys)])
-    before = adapter.text_attention
-    adapter.set_text_attention("eager")
-    try:
-        with torch.no_grad():
-            att = adapter.model(**adapter.model_inputs(inputs), output_attentions=True).attentions
-    finally:
-        adapter.set_text_attention(before)
+    att = _eager_attentions(adapter, inputs)
     lay = inputs.layout
     q = lay.mask(query).float()
     for i in range(adapter.n_layers):
@@ -267,15 +272,9 @@ def test_received_attention_equals_eager_column_sums(models, family, query):
     adapter, inputs = _batch(models, family)
     if "audio" in query and not adapter.has_audio:
         query = "question"
-    out = run(adapter, inputs, capture=[Capture.received(query)])
     cap = Capture.received(query)
-    before = adapter.text_attention
-    adapter.set_text_attention("eager")
-    try:
-        with torch.no_grad():
-            att = adapter.model(**adapter.model_inputs(inputs), output_attentions=True).attentions
-    finally:
-        adapter.set_text_attention(before)
+    out = run(adapter, inputs, capture=[cap])
+    att = _eager_attentions(adapter, inputs)
     lay = inputs.layout
     q = lay.mask(query).float()
     length = lay.length
