@@ -308,6 +308,14 @@ def activation_magnitudes(adapter, samples: list[Sample], interleave: bool = Tru
         inputs = adapter.prepare([sample], interleave=interleave)
         trace = run(adapter, inputs, capture=[Capture.residual()])
         layout = trace.layout
+        first_media = min(
+            (
+                int(layout.groups[g][0].nonzero()[0])
+                for g in ("video", "audio")
+                if g in layout.groups and bool(layout.groups[g][0].any())
+            ),
+            default=0,
+        )
         for layer, h in trace.captures["residual"].items():
             if layer == 0:
                 continue
@@ -316,14 +324,6 @@ def activation_magnitudes(adapter, samples: list[Sample], interleave: bool = Tru
             flat = int(a.argmax())
             pos, dim = divmod(flat, a.shape[1])
             group = next((g for g in MAGNITUDE_GROUPS if g in layout.groups and bool(layout.groups[g][0, pos])), None)
-            first_media = min(
-                (
-                    int(layout.groups[g][0].nonzero()[0])
-                    for g in ("video", "audio")
-                    if g in layout.groups and bool(layout.groups[g][0].any())
-                ),
-                default=0,
-            )
             rows.append(
                 {
                     "sample": sample.id,
