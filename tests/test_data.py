@@ -360,7 +360,7 @@ def test_dominance_runs_on_a_tiny_model(world, source, omni_words, monkeypatch, 
         picked = [row[f"answer_{v}"] for v in ("joint", "audio_only", "video_only")]
         assert all(a is None or a in labels for a in picked)
         assert all(isinstance(row[f"text_{v}"], str) for v in ("joint", "audio_only", "video_only"))
-        assert row["dominant"] == dominance_module._dominant(
+        assert row["dominant"] == dominance_module.dominant_of(
             dict(zip(("joint", "audio_only", "video_only"), picked, strict=True))
         )
     # the three variants of a clip are the same prompt: same tokens, only the zeroed media differ

@@ -31,7 +31,7 @@ from ..media import VideoClip, load_video
 from ..models.base import Adapter, Sample
 from ..trace import generate
 
-__all__ = ["VARIANTS", "dominance"]
+__all__ = ["VARIANTS", "dominance", "dominant_of", "zeroed"]
 
 VARIANTS = ("joint", "audio_only", "video_only")
 
@@ -110,7 +110,7 @@ def dominance(
             if "audio" in record:
                 record["audio"] = relative_path(row["audio"], out_dir)
             record |= {f"text_{v}": got[v] for v in VARIANTS} | {f"answer_{v}": answers[v] for v in VARIANTS}
-            record["dominant"] = _dominant(answers)
+            record["dominant"] = dominant_of(answers)
             answered.append(record)
         if progress is not None:
             progress(min(start + batch_size, len(rows)), len(rows))
@@ -126,12 +126,17 @@ def dominance(
     return BuildReport(len(table), problems, files["answers"], files=files, counts=counts)
 
 
-def _dominance_samples(row_id: str, question: str, video: VideoClip, audio: np.ndarray) -> list[Sample]:
+def zeroed(video: VideoClip, audio: np.ndarray) -> dict[str, tuple[VideoClip, np.ndarray]]:
+    """The media of each variant: ``joint`` as given, ``audio_only`` with every frame zeroed, ``video_only`` with
+    the waveform zeroed (P2's unimodal inputs). Shapes are kept, so the three prompts have the same tokens."""
     blank = replace(video, frames=np.zeros_like(video.frames))
-    media = {"joint": (video, audio), "audio_only": (blank, audio), "video_only": (video, np.zeros_like(audio))}
+    return {"joint": (video, audio), "audio_only": (blank, audio), "video_only": (video, np.zeros_like(audio))}
+
+
+def _dominance_samples(row_id: str, question: str, video: VideoClip, audio: np.ndarray) -> list[Sample]:
     return [
         Sample(question, video=v, audio=a, id=f"{row_id}:{variant}", meta={"source_id": row_id, "variant": variant})
-        for variant, (v, a) in media.items()
+        for variant, (v, a) in zeroed(video, audio).items()
     ]
 
 
@@ -158,7 +163,9 @@ def _generate_texts(adapter: Adapter, samples: list[Sample], max_new_tokens: int
     return {s.id: text for s, text in zip(inputs.samples, trace.text, strict=True)}
 
 
-def _dominant(answers: Mapping[str, str | None]) -> str | None:
+def dominant_of(answers: Mapping[str, object]) -> str | None:
+    """ "audio" when the joint answer equals the audio-only one and differs from the video-only one, "video" the
+    other way round, None otherwise or when the joint answer is None (the keys are :data:`VARIANTS`)."""
     joint, heard, seen = answers["joint"], answers["audio_only"], answers["video_only"]
     if joint is None:
         return None

@@ -12,7 +12,16 @@ import importlib
 from ..errors import InputError
 from .base import Analysis
 
-BUILTIN = ("counterfactual", "probe", "logit_lens", "knockout", "token_shift", "attention_share", "sinks")
+BUILTIN = (
+    "counterfactual",
+    "probe",
+    "logit_lens",
+    "knockout",
+    "token_shift",
+    "attention_share",
+    "sinks",
+    "causal_trace",
+)
 """The built-in analyses, in report order: each is the module ``avlens.analyses.<name>``, whose ``SPEC`` is its
 :class:`~avlens.analyses.base.Analysis`."""
 
