@@ -1,4 +1,4 @@
-"""Running analyses into a run directory, and ``reproduce``: P1 on the organism, with its HTML report.
+"""Running analyses into a run directory, and ``reproduce``: P1 and P2 on the organism, with its HTML report.
 
 One orchestration, :func:`execute`, serves ``reproduce`` and ``avlens run``: it opens the run directory, runs
 each analysis of the registry (:mod:`avlens.analyses`) on every model, unit by unit, and writes summary.json
@@ -28,12 +28,14 @@ Progress = Callable[[str, int, int], None]
 
 ORGANISM_MODELS = {"vision-heavy": "organism:av-vision-heavy", "balanced": "organism:av-balanced"}
 ORGANISM_BASE = "organism:vl-base"
-PAPER = "P1"
+PAPERS = ("P1", "P2")
+"""The studies ``reproduce`` runs by default (every registry analysis of each)."""
 
 
 def default_configs() -> dict[str, Any]:
-    """The analyses of ``reproduce`` (the registry's analyses of P1) and their settings for the organism."""
-    return {spec.name: spec.config() for spec in specs(paper=PAPER)}
+    """The analyses of ``reproduce`` (the registry's analyses of :data:`PAPERS`) and their settings for the
+    organism."""
+    return {spec.name: spec.config() for paper in PAPERS for spec in specs(paper=paper)}
 
 
 def check_needs(spec: Analysis, *, base: object | None) -> None:
@@ -229,7 +231,7 @@ def reproduce(
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ReproduceResult:
-    """Run P1's analyses on the models (default: the organism's vision-heavy and balanced checkpoints, side by
+    """Run P1's and P2's analyses on the models (default: the organism's vision-heavy and balanced checkpoints, side by
     side) and write ``out``: run.json, results/*.parquet, summary.json, report.html.
 
     Args:
@@ -237,7 +239,7 @@ def reproduce(
         base: the vision-language base for analyses that need one (token_shift; None: those are skipped).
         data: a counterfactual manifest (``avlens data counterfactual``); default: built from a held-out world
             of the organism (``n_clips`` clips, ``seed``) under ``out/data``.
-        analyses: names in the registry (default: every analysis of P1), each with its spec's default config.
+        analyses: names in the registry (default: every analysis of P1 and P2), each with its spec's default config.
     """
     from . import load
 

@@ -105,6 +105,11 @@ def test_restored_probabilities_equal_hooks_on_the_models_own_forward(tiny, domi
     merged = eff.merge(items[["id", "p_corrupt_correct", "p_corrupt_corrupt"]], on="id")
     np.testing.assert_allclose(merged.ie_clean, 100 * (merged.p_correct - merged.p_corrupt_correct), atol=1e-4)
     np.testing.assert_allclose(merged.ie_corrupt, 100 * (merged.p_corrupt_corrupt - merged.p_corrupt), atol=1e-4)
+    # patched tokens that all come before the dominant modality's first token hold nothing of it: IE is 0
+    before = set(items[items.precedes].id)
+    if dominant == "audio":
+        assert before == set(items.id)  # one chunk: its video tokens come before its audio tokens
+    assert (merged[merged.id.isin(before)][["ie_clean", "ie_corrupt"]].abs() < 1e-5).all().all()
     assert _hook  # the reference's hooks are test_sites' (one reference for every site test)
 
 
@@ -227,3 +232,21 @@ def test_on_the_vision_heavy_organism_swapped_clips_are_video_dominant(organism_
     for name in ("items", "effects"):
         missing = set(tables[name].columns) - docs[f"causal_trace.{name}"] - docs["common"] - {"model"}
         assert not missing, f"causal_trace.{name}: columns {sorted(missing)} are not documented"
+
+
+def test_patching_the_whole_clean_state_restores_the_clean_run(tiny, monkeypatch):
+    """Every position's residual patched, at any layer: the restored run is the clean run, so IE_clean is
+    P_clean - P_corrupt[correct] (x 100) and P_restored[correct] is P_clean."""
+    monkeypatch.setattr(ct, "token_sets", lambda own, valid, *args: {"all": valid.clone()})
+    traced = _traced(tiny, "video")
+    got = _restore(tiny, traced, ct.Config(window=1, sites=("residual",)))
+    items = got["items"].set_index("id")
+    eff = got["effects"]
+    assert sorted(eff.start.unique()) == list(range(tiny.n_layers))
+    for _, whole in eff.groupby("start"):
+        whole = whole.set_index("id")
+        np.testing.assert_allclose(whole.p_correct, items.p_clean[whole.index], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            whole.ie_clean, 100 * (items.p_clean - items.p_corrupt_correct)[whole.index], rtol=0, atol=1e-4
+        )
+    assert (items.p_clean != items.p_corrupt_correct).all()  # the corruption did change something

@@ -176,7 +176,7 @@ def test_browser_shows_the_figures(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """P1's analyses on a tiny model and 8 organism clips: the run directory, and model -> tables per analysis."""
+    """P1's and P2's analyses on a tiny model and 8 organism clips: the run directory, and model -> tables."""
     from test_reproduce import WORDS
 
     from avlens.data import counterfactual
@@ -202,9 +202,11 @@ def _tables_of(out, name: str) -> dict[str, pd.DataFrame]:
 
 
 P1 = ("counterfactual", "probe", "logit_lens", "knockout", "token_shift", "attention_share")
+P2 = ("sinks", "causal_trace")
+ANALYSES = P1 + P2
 
 
-@pytest.mark.parametrize("name", P1)
+@pytest.mark.parametrize("name", ANALYSES)
 def test_figures_label_every_axis_use_integer_layers_and_keep_legends_off_the_data(tiny_run, name):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -268,7 +270,7 @@ def test_report_tables_have_named_rows_one_precision_and_n(tiny_run):
     from avlens.analyses import get
     from avlens.report.html import table_html
 
-    for name in P1:
+    for name in ANALYSES:
         tables = _tables_of(tiny_run, name)
         spec = get(name)
         shown = spec.tables({"tiny": spec.summarize(tables)}) if spec.tables else []
@@ -324,7 +326,7 @@ def test_every_column_a_run_writes_is_documented(tiny_run):
         missing = columns - docs[key] - (set() if key == "errors" else common)
         assert not missing, f"{path.stem}: columns {sorted(missing)} are not documented"
         seen.append(path.stem)
-    for name in P1:  # tables computed when the run ends
+    for name in ANALYSES:  # tables computed when the run ends
         spec = get(name)
         if spec.finalize is None:
             continue
@@ -337,7 +339,7 @@ def test_every_column_a_run_writes_is_documented(tiny_run):
     assert "exclusive" in window_end
 
 
-@pytest.mark.parametrize("name", P1)
+@pytest.mark.parametrize("name", ANALYSES)
 def test_a_figure_with_no_data_is_null_with_n_zero(tiny_run, name):
     """Every analysis summarised on tables without a row: its figures are None, its counts 0 (never 0.0)."""
     from avlens.analyses import get

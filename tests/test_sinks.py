@@ -77,7 +77,7 @@ def test_no_dimension_is_found_where_none_is_planted():
     t = _tables(adapter)
     assert t["dims"].empty and t["sinks"].empty
     s = sinks.summarize(t)
-    assert s.dims_found == 0 and s.dims == [] and s.sinks_per_item is None
+    assert s.dims_found == 0 and s.dims == [] and s.sinks_per_item is None  # measured: none found
     assert 0 < s.largest <= s.ceiling == pytest.approx(16.0)
     fig = sinks.plot({"tiny": t})
     assert "no sink dimensions found" in fig.axes[0].get_title()

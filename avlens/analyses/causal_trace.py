@@ -256,6 +256,17 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
     return out
 
 
+def _item_record(it: Item, dominant: str | None, answers: dict, config: Config, **values: object) -> dict:
+    """A row of ``items``: every column present (None where an item was not traced)."""
+    sets = ["all", *(f"sinks_n{n}" for n in config.n), "most_attended", "unimodal", "cross_modal"]
+    keys = ["p_clean", "p_corrupt_correct", "p_corrupt_corrupt", "definition", "dims", "length", "precedes"]
+    keys += [f"n_{name}" for name in sets]
+    unknown = set(values) - set(keys)
+    if unknown:
+        raise KeyError(f"not a column of causal_trace.items: {sorted(unknown)}")
+    return it.record(dominant=dominant, **answers, **{k: values.get(k) for k in keys})
+
+
 def _prepare(adapter: Adapter, samples: list[Sample]) -> Inputs:
     return adapter.prepare(samples, interleave=True)
 
@@ -287,7 +298,7 @@ def _trace_batch(adapter: Adapter, chunk: list[tuple[Item, dict[str, Sample]]], 
         rec = {f"answer_{v}": adapter.decode([tok[v]]) for v in VARIANTS}
         info = {"dominant": dom, "tokens": tok, "record": rec}
         if dom is None:
-            out["items"].append(it.record(dominant=None, **rec))
+            out["items"].append(_item_record(it, None, rec, config))
         else:
             traced.append((it, vs, dom, info))
     if traced:
@@ -330,7 +341,7 @@ def _restore(adapter: Adapter, traced: list, config: Config, out: dict) -> None:
     corrupt = torch.tensor(
         [info["tokens"]["video_only" if dom == "audio" else "audio_only"] for _, _, dom, info in traced]
     )
-    sets_by_row = []
+    sets_by_row, precedes = [], []
     for b, (it, _, dom, _) in enumerate(traced):
         modality = "video" if dom == "audio" else "audio"
         valid = layout.valid[b]
@@ -349,6 +360,9 @@ def _restore(adapter: Adapter, traced: list, config: Config, out: dict) -> None:
             hits = torch.zeros(layout.length)
         rng = np.random.default_rng([config.seed, zlib.crc32(it.id.encode())])
         own = layout.groups[modality][b] & valid
+        dominant_at = (layout.groups[dom][b] & valid).nonzero()
+        # every patched token before the first dominant-modality token: its clean and corrupted states are equal
+        precedes.append(bool(own.any()) and len(dominant_at) > 0 and int(own.nonzero().max()) < int(dominant_at.min()))
         sets_by_row.append(token_sets(own, valid, hits, received, score, modality, config, rng))
     names = list(sets_by_row[0])
     grouped = corrupt_in.layout
@@ -376,15 +390,18 @@ def _restore(adapter: Adapter, traced: list, config: Config, out: dict) -> None:
     for b, (it, _, dom, info) in enumerate(traced):
         sizes = {f"n_{k}": int(v.sum()) for k, v in sets_by_row[b].items() if not k.startswith("random:")}
         out["items"].append(
-            it.record(
-                dominant=dom,
-                **info["record"],
+            _item_record(
+                it,
+                dom,
+                info["record"],
+                config,
                 p_clean=float(p_clean[b]),
                 p_corrupt_correct=float(p_corrupt_correct[b]),
                 p_corrupt_corrupt=float(p_corrupt_corrupt[b]),
                 definition=definition,
                 dims=",".join(map(str, dims)),
                 length=int(layout.valid[b].sum()),
+                precedes=precedes[b],
                 **sizes,
             )
         )
@@ -418,6 +435,12 @@ def _restore(adapter: Adapter, traced: list, config: Config, out: dict) -> None:
 # Summary
 # ---------------------------------------------------------------------------------------------------------
 SETS = ("all", "sinks_n2", "sinks_n3", "sinks_n4", "random", "most_attended", "unimodal", "cross_modal")
+"""The sets in reading order (with the default N = 2, 3, 4; other N's sets follow them)."""
+
+
+def _ordered(names: object) -> list[str]:
+    names = set(names)
+    return [n for n in SETS if n in names] + sorted(names - set(SETS))
 
 
 def mean_ci(x: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
@@ -442,8 +465,11 @@ class Summary:
     Table 1): ie_clean, ie_clean_low, ie_clean_high, ie_corrupt (and its bounds), n (items), tokens (mean count);
     random adds spread (the standard deviation of IE_clean over draws). ``ie_clean_all``: IE_clean of the ``all``
     set over every dominant item; ``sinks_minus_random`` / ``cross_minus_unimodal``: paired differences of
-    IE_clean (mean and 95% interval; NaN-free None when not measured); ``best_window``: dominant kind -> the
-    residual window start with the largest IE_clean of ``all``; ``definition``: the sink definitions used."""
+    IE_clean (mean and 95% interval; None when not measured); ``best_window``: dominant kind -> the
+    residual window start with the largest IE_clean of ``all``; ``precedes``: dominant kind -> the share of its
+    items whose patched tokens all come before the dominant modality's first token (causal attention cannot carry
+    the dominant modality into them, so their IE is 0 by construction); ``definition``: the sink definitions
+    used."""
 
     n_items: int
     n_audio_dominant: int
@@ -451,11 +477,12 @@ class Summary:
     ie_clean_all: float | None
     ie_clean_all_low: float | None
     ie_clean_all_high: float | None
-    sinks_minus_random: list[float | None] = field(default_factory=list)
-    cross_minus_unimodal: list[float | None] = field(default_factory=list)
+    sinks_minus_random: list[float | None] | None = None
+    cross_minus_unimodal: list[float | None] | None = None
     table: dict[str, dict[str, dict[str, float | int | None]]] = field(default_factory=dict)
     best_window: dict[str, int | None] = field(default_factory=dict)
-    definition: str = ""
+    precedes: dict[str, float] = field(default_factory=dict)
+    definition: str | None = None
 
 
 def _paired(pi: pd.DataFrame, a: str, b: str) -> list[float | None]:
@@ -480,7 +507,7 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
         ie_clean_all=None,
         ie_clean_all_low=None,
         ie_clean_all_high=None,
-        definition=", ".join(sorted(dom_items.definition.dropna().unique())) if "definition" in dom_items else "",
+        definition=", ".join(sorted(dom_items.definition.dropna().unique())) or None,
     )
     if effects.empty:
         return base
@@ -489,7 +516,7 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
     table: dict[str, dict[str, dict]] = {}
     for dom, sel in at.groupby("dominant"):
         table[dom] = {}
-        for name in SETS:
+        for name in _ordered(sel.set.unique()):
             s = sel[sel.set == name]
             if s.empty:
                 continue
@@ -517,8 +544,10 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
         by = sel.groupby("start").ie_clean.mean()
         best[dom] = int(by.idxmax()) if len(by) else None
     first_sinks = next((f"sinks_n{n}" for n in (2, 3, 4) if (at.set == f"sinks_n{n}").any()), "sinks_n2")
+    precede = dom_items.groupby("dominant").precedes.mean() if "precedes" in dom_items else pd.Series()
     return replace(
         base,
+        precedes={k: num(v, 3) for k, v in precede.items()},
         ie_clean_all=num(mean, 3),
         ie_clean_all_low=num(low, 3),
         ie_clean_all_high=num(high, 3),
@@ -573,11 +602,11 @@ def plot(tables_by_model: dict[str, dict[str, pd.DataFrame]]) -> Figure:
             ax.set_title(f"{model}: no dominant items traced")
             ax.set_axis_off()
             continue
-        for name in SETS:
+        for name in _ordered(sel.set.unique()):
             s = sel[sel.set == name]
             if not s.empty:
                 by = s.groupby("start").ie_clean.mean()
-                ax.plot(by.index, by.values, marker="o", color=colors[name], label=name)
+                ax.plot(by.index, by.values, marker="o", color=colors.get(name), label=name)
         ax.axhline(0, color="#cccccc", linewidth=0.8)
         ax.set_title(f"{model}: {dom}-dominant (n = {sel.id.nunique()})")
         ax.set_ylabel("IE_clean (x100)")
@@ -622,9 +651,17 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
     def diff(d: list[float | None]) -> str:
         return "not measured" if not d or d[0] is None else f"{d[0]:+.2f} (95% CI {d[1]:+.2f} to {d[2]:+.2f})"
 
+    def before(s: Summary) -> str:
+        kinds = [f"{v:.0%} of {k}-dominant" for k, v in s.precedes.items() if v]
+        return (
+            f"; patched tokens all before the dominant modality (IE 0 by causality) in {', '.join(kinds)}"
+            if kinds
+            else ""
+        )
+
     counts = "; ".join(
         f"{m}: {s.n_audio_dominant} audio-dominant, {s.n_video_dominant} video-dominant of {s.n_items} "
-        f"(sinks: {s.definition or 'none'})"
+        f"(sinks: {s.definition or 'none'}{before(s)})"
         for m, s in summaries.items()
     )
     restore = Finding(

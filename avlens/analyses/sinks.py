@@ -241,9 +241,9 @@ class Summary:
     sinks over that of all positions; ``by_received``: the groups of the top-K positions by received attention
     alone (the attention-sink definition, which needs no massive dimension), as shares."""
 
-    dims_found: int
-    dims: list[int]
-    threshold: str
+    dims_found: int | None
+    dims: list[int] | None
+    threshold: str | None
     largest: float | None
     ceiling: float | None
     sinks_per_item: float | None
@@ -262,7 +262,7 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
     peaks, positions = _table(tables, "peaks"), _table(tables, "positions")
     dims, sinks = tables["dims"], tables["sinks"]
     if peaks.empty:
-        return Summary(0, [], "", *[None] * 10)
+        return Summary(None, None, None, *[None] * 10)  # not measured
     tau = float(peaks.tau.iloc[0])
     ceiling = float(peaks.ceiling.iloc[0])
     first = next((c for c in sinks.columns if c.startswith("top_n")), "top_n2")  # the K of the first N
@@ -345,7 +345,7 @@ CLAIM = "A few sink tokens carry massive activations at a few fixed dimensions"
 
 def findings(summaries: dict[str, Summary]) -> list[Finding]:
     measured = "; ".join(
-        f"{m}: {s.dims_found} dims ({', '.join(map(str, s.dims[:4])) or 'none'}), largest {num(s.largest, 1)} "
+        f"{m}: {s.dims_found} dims ({', '.join(map(str, (s.dims or [])[:4])) or 'none'}), largest {num(s.largest, 1)} "
         f"of {num(s.ceiling, 1)}, {s.sinks_per_item if s.sinks_per_item is not None else 0} sinks/item"
         for m, s in summaries.items()
     )
