@@ -1,6 +1,6 @@
 """The intervention engine: forwards and generation with interventions given as data (see engine.py)."""
 
-from .engine import Trace, generate, run, run_conditions, start_of
+from .engine import Schedule, Trace, generate, generate_guided, run, run_conditions, start_of
 from .interventions import (
     Ablate,
     AttentionCapture,
@@ -26,9 +26,11 @@ __all__ = [
     "Patch",
     "ReceivedCapture",
     "ResidualCapture",
+    "Schedule",
     "Steer",
     "Trace",
     "generate",
+    "generate_guided",
     "run",
     "run_conditions",
     "start_of",

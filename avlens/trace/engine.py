@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -47,7 +47,7 @@ from transformers import DynamicCache
 from ..layout import TokenLayout
 from ..models.base import Adapter, Embedded, Inputs
 from .attention import ACTIVE, BACKENDS, NAME, masked_softmax, probabilities, register, repeat_kv
-from .interventions import AnyCapture, Intervention, ReceivedCapture
+from .interventions import AnyCapture, AttentionCapture, Intervention, ReceivedCapture
 from .ops import BiasLogits, BlockEdges
 from .plan import Plan, compile_plan
 
@@ -231,22 +231,110 @@ def generate(
         b = inputs.batch_size
         fwd = _Forward(adapter, emb, layout, torch.arange(b), [list(interventions)] * b, capture, attn, "last")
         fwd.prefill(0, 0, None)
-        eos_ids = adapter.eos_ids
-        eos = torch.tensor(eos_ids, device=fwd.device)
-        tokens = torch.full((b, max_new_tokens), -1, dtype=torch.long)
-        step_logits = []
-        done = torch.zeros(b, dtype=torch.bool, device=fwd.device)
-        logits = fwd.last_logits
-        for t in range(max_new_tokens):
-            step_logits.append(torch.where(done[:, None], float("nan"), logits))
-            nxt = logits.argmax(-1)
-            tokens[:, t] = torch.where(done, -1, nxt).cpu()
-            done |= torch.isin(nxt, eos)
-            if done.all() or t == max_new_tokens - 1:
-                break
-            logits = fwd.step(nxt)
-        n_gen = int((tokens >= 0).any(0).sum())
+        tokens, step_logits = _greedy(adapter, fwd.last_logits, lambda t, nxt: fwd.step(nxt), max_new_tokens)
         trace = fwd.trace(slice(None))
+    return _generated(adapter, trace, tokens, step_logits)
+
+
+class Schedule(Protocol):
+    """The guidance weight of each decoding step of :func:`generate_guided`, from the plain branch's attention.
+
+    ``captures`` are attention captures run on the plain branch; ``weight`` gets, at step t, capture name ->
+    layer -> the attention mass (R, H, G) of the query producing step t's token toward each key group, and the
+    previous step's weights (R,) (zeros at t = 0), and returns the weights (R,).
+    """
+
+    def captures(self) -> Sequence[AttentionCapture]: ...
+
+    def weight(
+        self, step: int, mass: Mapping[str, Mapping[int, torch.Tensor]], previous: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+@torch.no_grad()
+def generate_guided(
+    adapter: Adapter,
+    inputs: Inputs,
+    guided: Sequence[Intervention],
+    *,
+    weight: float | Schedule = 0.5,
+    interventions: Sequence[Intervention] = (),
+    max_new_tokens: int = 32,
+) -> Trace:
+    """Greedy guided decoding (P2's adaptive form): two branches share the tokens, the plain one (with
+    ``interventions``) and the guided one (with ``interventions`` + ``guided``), each with its own cache; each step
+    picks the argmax of log p_plain + s_t (log p_guided - log p_plain).
+
+    Args:
+        guided: what defines the guided branch (e.g. a knockout of the answer's attention to some tokens).
+        weight: a fixed s_t for every step (0: plain decoding, token for token), or a :class:`Schedule`.
+
+    Returns:
+        the Trace of the plain branch, with ``tokens``, ``text`` and ``step_logits`` of the combined
+        distribution (log-probabilities), and ``weights`` (B, T) in ``captures["guidance"][0]``.
+    """
+    schedule = None if isinstance(weight, int | float) else weight
+    with _avlens_attention(adapter):
+        emb = adapter.embed(inputs)
+        layout = inputs.layout.extend(max_new_tokens)
+        b = inputs.batch_size
+        rows = torch.arange(b)
+        caps = tuple(schedule.captures()) if schedule is not None else ()
+        plain = _Forward(adapter, emb, layout, rows, [list(interventions)] * b, caps, "sdpa", "last")
+        guide = _Forward(adapter, emb, layout, rows, [[*interventions, *guided]] * b, (), "sdpa", "last")
+        plain.prefill(0, 0, None)
+        guide.prefill(0, 0, None)
+        weights: list[torch.Tensor] = []
+
+        def combined() -> torch.Tensor:
+            lp, lg = plain.last_logits.log_softmax(-1), guide.last_logits.log_softmax(-1)
+            previous = weights[-1] if weights else torch.zeros(b, device=lp.device)
+            if schedule is None:
+                s = torch.full((b,), float(weight), device=lp.device)
+            else:
+                at = plain.length - 1  # the query that produced these logits
+                mass = {c.name: {i: m[:, :, at] for i, m in plain.mass.get(c.name, {}).items()} for c in caps}
+                s = schedule.weight(len(weights), mass, previous).to(lp.device)
+            weights.append(s)
+            return lp + s[:, None] * (lg - lp)
+
+        def step(t: int, nxt: torch.Tensor) -> torch.Tensor:
+            plain.step(nxt)
+            guide.step(nxt)
+            return combined()
+
+        tokens, step_logits = _greedy(adapter, combined(), step, max_new_tokens)
+        trace = plain.trace(slice(None))
+    trace = _generated(adapter, trace, tokens, step_logits)
+    trace.captures["guidance"] = {0: torch.stack(weights[: tokens.shape[1]], 1).cpu()}
+    return trace
+
+
+def _greedy(
+    adapter: Adapter, logits: torch.Tensor, step: Callable[[int, torch.Tensor], torch.Tensor], max_new_tokens: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The greedy loop: logits (B, V) of the first step, ``step(t, tokens (B,))`` -> the next step's logits.
+    Returns tokens (B, T) (-1 after a row stopped) and each step's logits (NaN after a row stopped)."""
+    b = logits.shape[0]
+    eos = torch.tensor(adapter.eos_ids, device=logits.device)
+    tokens = torch.full((b, max_new_tokens), -1, dtype=torch.long)
+    step_logits = []
+    done = torch.zeros(b, dtype=torch.bool, device=logits.device)
+    for t in range(max_new_tokens):
+        step_logits.append(torch.where(done[:, None], float("nan"), logits))
+        nxt = logits.argmax(-1)
+        tokens[:, t] = torch.where(done, -1, nxt).cpu()
+        done |= torch.isin(nxt, eos)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        logits = step(t, nxt)
+    return tokens, step_logits
+
+
+def _generated(adapter: Adapter, trace: Trace, tokens: torch.Tensor, step_logits: list[torch.Tensor]) -> Trace:
+    """A generation's Trace: its first step's logits, the tokens and step logits up to the longest row, texts."""
+    n_gen = int((tokens >= 0).any(0).sum())
+    eos_ids = adapter.eos_ids
     trace.logits = step_logits[0]
     trace.tokens = tokens[:, :n_gen]
     trace.step_logits = torch.stack(step_logits[:n_gen], 1)
