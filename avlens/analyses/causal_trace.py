@@ -46,6 +46,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..errors import InputError
+from ..layout import TokenLayout
 from ..media import VideoClip, load_audio, load_video
 from ..models.base import Adapter, Inputs, Sample
 from ..trace import Capture, Patch, run, run_conditions
@@ -62,16 +63,12 @@ SITES = ("attn_in", "residual")
 
 
 @dataclass(frozen=True)
-class Config:
-    """``labels``: the answers to choose among (empty: any token); ``definition``: of sinks, "auto", "massive" or
-    "received"; ``dims``: massive dimensions to use (empty: found on the unit); ``threshold`` ... ``min_items``:
-    as :class:`avlens.analyses.sinks.Config`; ``n``: the N of K = len / N; ``draws``: random sets per item;
-    ``window``: layers per residual window (0: a quarter of the depth, at least 1); ``sites``: "attn_in" and/or
-    "residual"; ``seed``: of the random sets and the bootstrap."""
+class SinkSettings:
+    """How sinks are found (shared by causal_trace and mitigate): ``definition`` "auto", "massive" or "received";
+    ``dims``: massive dimensions to use (empty: found on the unit); ``threshold`` ... ``min_items``: as
+    :class:`avlens.analyses.sinks.Config`; ``n``: the N of K = len / N; ``draws``: random sets per item;
+    ``seed``: of the random sets and the bootstrap."""
 
-    questions: dict[str, str] = field(default_factory=lambda: {"hear": "What do you hear?"})
-    conditions: tuple[str, ...] = ("factual", "swapped")
-    labels: tuple[str, ...] = ()
     definition: Literal["auto", "massive", "received"] = "auto"
     dims: tuple[int, ...] = ()
     threshold: Literal["relative", "absolute"] = "relative"
@@ -81,19 +78,35 @@ class Config:
     min_items: float = 0.5
     n: tuple[int, ...] = (2, 3, 4)
     draws: int = 5
-    window: int = 0
-    sites: tuple[str, ...] = SITES
     seed: int = 0
-    batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.definition not in ("auto", "massive", "received"):
             raise InputError(f"unknown sink definition '{self.definition}' (definitions: auto, massive, received)")
+        if not self.n or min(self.n) < 1 or self.draws < 1:
+            raise InputError("n needs at least one N >= 1, and draws must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config(SinkSettings):
+    """The sink settings (:class:`SinkSettings`), and: ``labels``: the answers to choose among (empty: any
+    token); ``window``: layers per residual window (0: a quarter of the depth, at least 1); ``sites``: "attn_in"
+    and/or "residual"."""
+
+    questions: dict[str, str] = field(default_factory=lambda: {"hear": "What do you hear?"})
+    conditions: tuple[str, ...] = ("factual", "swapped")
+    labels: tuple[str, ...] = ()
+    window: int = 0
+    sites: tuple[str, ...] = SITES
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = [s for s in self.sites if s not in SITES]
         if unknown:
             raise InputError(f"unknown patch site '{unknown[0]}' (sites: {', '.join(SITES)})")
-        if not self.n or min(self.n) < 1 or self.draws < 1 or self.window < 0:
-            raise InputError("n needs at least one N >= 1, draws >= 1 and window >= 0")
+        if self.window < 0:
+            raise InputError("window must be >= 0")
 
 
 def window_of(config: Config, n_layers: int) -> int:
@@ -170,7 +183,7 @@ def _sink_hits(residual: dict[int, torch.Tensor], valid: torch.Tensor, dims: lis
 
 
 def _find_dims(
-    clean_residual: dict[int, torch.Tensor], valid: torch.Tensor, ids: list[str], tau: float, config: Config
+    clean_residual: dict[int, torch.Tensor], valid: torch.Tensor, ids: list[str], tau: float, config: SinkSettings
 ) -> list[int]:
     """Massive dimensions on the rows of one batch (:func:`avlens.analyses.sinks.massive_dims`)."""
     hits, peaks = [], []
@@ -185,6 +198,61 @@ def _find_dims(
     return [int(d) for d in found.dim]
 
 
+def sink_captures(layout: TokenLayout, n_layers: int) -> list:
+    """What :func:`sink_scores` needs from a clean run: the residual entering every layer and the attention each
+    position receives from all later queries and from later video / audio queries."""
+    present = [g for g in ("video", "audio") if g in layout.groups]
+    return [
+        Capture.residual(range(n_layers)),
+        Capture.received("all", name="received_all"),
+        *(Capture.received(g, name=f"received_{g}") for g in present),
+    ]
+
+
+def sink_scores(
+    adapter: Adapter, clean, layout: TokenLayout, ids: list[str], config: SinkSettings
+) -> tuple[str, list[int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """The sink definition used, the massive dims, and per row (hits (L,), received (L,), MDS (L,)) from a clean
+    run with :func:`sink_captures`: hits = layers hit at the massive dims (massive definition) or the received
+    attention (received definition); received = mean attention from later queries (over heads and layers); MDS
+    averaged over layers where later queries of both modalities exist (NaN elsewhere)."""
+    n_layers = adapter.n_layers
+    present = [g for g in ("video", "audio") if f"received_{g}" in clean.captures]
+    counts = {c.name: c.count(layout) for c in sink_captures(layout, n_layers)[1:]}
+
+    def per_query(name: str, b: int) -> torch.Tensor:  # (layers, L): mean over heads, per later query
+        got = torch.stack([clean.captures[name][i][b].mean(0) for i in range(n_layers)])
+        return got / counts[name][b].clamp(min=1)
+
+    tau = sinks.tau_of(
+        sinks.Config(threshold=config.threshold, tau=config.tau, share=config.share), adapter.hidden_size
+    )
+    dims = list(config.dims)
+    if not dims and config.definition != "received":
+        dims = _find_dims(clean.captures["residual"], layout.valid, ids, tau, config)
+    definition = "massive" if dims and config.definition != "received" else "received"
+    if config.definition == "massive" and not dims:
+        definition = "massive (no dims found)"
+    out = []
+    for b in range(len(ids)):
+        valid = layout.valid[b]
+        received = per_query("received_all", b).mean(0)
+        if len(present) == 2:
+            v, a = per_query("received_video", b), per_query("received_audio", b)
+            both = (counts["received_video"][b] > 0) & (counts["received_audio"][b] > 0)
+            score = torch.where(both, sinks.mds(v, a).mean(0), torch.nan)
+        else:
+            score = torch.full((layout.length,), torch.nan)
+        if definition == "massive":
+            hits = _sink_hits({i: h[b] for i, h in clean.captures["residual"].items()}, valid, dims, tau)
+        elif definition == "received":
+            hits = torch.where(valid, received + 1e-12, 0.0)
+        else:
+            hits = torch.zeros(layout.length)
+        out.append((hits, received, score))
+    return definition, dims, out
+
+
 def token_sets(
     own: torch.Tensor,
     valid: torch.Tensor,
@@ -192,7 +260,7 @@ def token_sets(
     received: torch.Tensor,
     mds: torch.Tensor,
     modality: str,
-    config: Config,
+    config: SinkSettings,
     rng: np.random.Generator,
 ) -> dict[str, torch.Tensor]:
     """The traced token subsets of one row, as bool (L,) masks.
@@ -313,29 +381,12 @@ def _restore(adapter: Adapter, traced: list, config: Config, out: dict) -> None:
     if not torch.equal(clean_in.input_ids, corrupt_in.input_ids):
         raise RuntimeError("zeroing a modality changed the prompt's tokens; causal tracing needs them equal")
     layout = clean_in.layout
-    present = [g for g in ("video", "audio") if g in layout.groups]
     caps = [
-        Capture.residual(range(n_layers)),
         Capture.residual(range(n_layers), site="attn_in", name="attn_in"),
-        Capture.received("all", name="received_all"),
-        *(Capture.received(g, name=f"received_{g}") for g in present),
+        *sink_captures(layout, n_layers),
     ]
     clean = run(adapter, clean_in, capture=caps)
-    counts = {c.name: c.count(layout) for c in caps[2:]}
-
-    def per_query(name: str, b: int) -> torch.Tensor:  # (layers, L): mean over heads, per later query
-        got = torch.stack([clean.captures[name][i][b].mean(0) for i in range(n_layers)])
-        return got / counts[name][b].clamp(min=1)
-
-    tau = sinks.tau_of(
-        sinks.Config(threshold=config.threshold, tau=config.tau, share=config.share), adapter.hidden_size
-    )
-    dims = list(config.dims)
-    if not dims and config.definition != "received":
-        dims = _find_dims(clean.captures["residual"], layout.valid, [t[0].id for t in traced], tau, config)
-    definition = "massive" if dims and config.definition != "received" else "received"
-    if config.definition == "massive" and not dims:
-        definition = "massive (no dims found)"
+    definition, dims, scores = sink_scores(adapter, clean, layout, [t[0].id for t in traced], config)
 
     correct = torch.tensor([info["tokens"]["joint"] for *_, info in traced])
     corrupt = torch.tensor(
@@ -345,19 +396,7 @@ def _restore(adapter: Adapter, traced: list, config: Config, out: dict) -> None:
     for b, (it, _, dom, _) in enumerate(traced):
         modality = "video" if dom == "audio" else "audio"
         valid = layout.valid[b]
-        received = per_query("received_all", b).mean(0)
-        if len(present) == 2:
-            v, a = per_query("received_video", b), per_query("received_audio", b)
-            both = (counts["received_video"][b] > 0) & (counts["received_audio"][b] > 0)
-            score = torch.where(both, sinks.mds(v, a).mean(0), torch.nan)
-        else:
-            score = torch.full((layout.length,), torch.nan)
-        if definition == "massive":
-            hits = _sink_hits({i: h[b] for i, h in clean.captures["residual"].items()}, valid, dims, tau)
-        elif definition == "received":
-            hits = torch.where(valid, received + 1e-12, 0.0)
-        else:
-            hits = torch.zeros(layout.length)
+        hits, received, score = scores[b]
         rng = np.random.default_rng([config.seed, zlib.crc32(it.id.encode())])
         own = layout.groups[modality][b] & valid
         dominant_at = (layout.groups[dom][b] & valid).nonzero()
