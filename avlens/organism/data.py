@@ -26,6 +26,14 @@ from ..models.base import Clip, Sample
 from ..models.qwen2_5_omni import Qwen2_5OmniAdapter
 from .world import CLASSES, WorldConfig, unrelated, write_world
 
+LETTERS: tuple[str, ...] = tuple("abcdefghijklmnopqrst")
+"""Option letters of lettered multiple choice (up to 20 options, as in P2/P3-style benchmarks)."""
+
+DISTRACTORS: tuple[str, ...] = (
+    "dog", "cat", "cow", "car", "train", "piano", "guitar", "violin", "wind", "phone", "door", "baby",
+)  # fmt: skip
+"""Option words that are never a clip's class: with the 12 classes they give 24 distinct options (20 needed)."""
+
 WORLD = WorldConfig(duration=2.0, height=224, width=224, fps=8)
 """The organism's world: 2 s clips at 224x224 (128 video tokens at 2 fps) with 2 s of audio (50 tokens)."""
 
@@ -178,6 +186,41 @@ class Mixture:
     text: bool = False  # text-only examples: the language model's own pretraining (see ExampleSampler._text)
 
 
+@dataclass(frozen=True)
+class SkillMixture(Mixture):
+    """A text mixture with the organism-v2 skills: which of N clips, and lettered multiple choice.
+
+    A subclass rather than new :class:`Mixture` fields so that every existing stage keeps its settings (and the
+    stage keys hashed from them) unchanged. With both shares at 0 it draws exactly what :class:`Mixture` draws.
+
+    Attributes:
+        text_which: share of text examples asking which of N clips (N in ``which_clips``) has the sound of X or
+            shows X; each clip is written with a video and/or a sound sentence.
+        text_choice: share of lettered multiple-choice text examples ("what do you hear? a. bell b. dog ...",
+            answered with a letter), with a number of options in ``options``.
+        which_clips: (min, max) number of clips of which-clip examples (2..3).
+        options: (min, max) number of options of multiple-choice examples (2..20).
+        curriculum: number of draws over which the upper bounds of ``which_clips`` and ``options`` grow linearly
+            from their minimum to their maximum (0: the full ranges from the first draw).
+    """
+
+    text_which: float = 0.0
+    text_choice: float = 0.0
+    which_clips: tuple[int, int] = (2, 3)
+    options: tuple[int, int] = (4, 20)
+    curriculum: int = 0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.which_clips
+        if not 2 <= lo <= hi <= 3:
+            raise ValueError(f"which_clips must be within 2..3, got {self.which_clips}")
+        lo, hi = self.options
+        if not 2 <= lo <= hi <= len(LETTERS):
+            raise ValueError(f"options must be within 2..{len(LETTERS)}, got {self.options}")
+        if self.text_which < 0 or self.text_choice < 0 or self.text_which + self.text_choice > 1:
+            raise ValueError("text_which and text_choice must be shares summing to at most 1")
+
+
 class ExampleSampler:
     """Draws examples of a mixture from a bank, reproducibly from a seed."""
 
@@ -185,6 +228,7 @@ class ExampleSampler:
         self.bank, self.mix = bank, mixture
         self.rng = random.Random(seed)
         self.classes = bank.by_class()
+        self.draws = 0  # examples drawn so far (the curriculum's clock; saved with a stage's state)
 
     def _clip(self, label: str | None = None) -> int:
         label = label or self.rng.choice(CLASSES)
@@ -196,6 +240,7 @@ class ExampleSampler:
 
     def draw(self) -> Example:
         m, r = self.mix, self.rng.random()
+        self.draws += 1
         if m.text:
             return self._text()
         if not m.audio:
@@ -212,7 +257,17 @@ class ExampleSampler:
     def _text(self) -> Example:
         """A text-only example of the skills the audio-visual questions need: find what a context says is seen or
         heard, answer with it, compare it with a word (yes/no), say "nothing", pick a clip. Media are written as
-        words here ("the video shows a bell"); real AVLLMs bring these skills from their language model."""
+        words here ("the video shows a bell"); real AVLLMs bring these skills from their language model.
+
+        A :class:`SkillMixture` with a share of which-of-N or multiple-choice examples draws one more number
+        first, to choose among them (with both shares at 0 nothing more is drawn)."""
+        which, choice = getattr(self.mix, "text_which", 0.0), getattr(self.mix, "text_choice", 0.0)
+        if which or choice:
+            k = self.rng.random()
+            if k < choice:
+                return self.text_choice(self._upto(self.mix.options))
+            if k < choice + which:
+                return self.text_which(self._upto(self.mix.which_clips))
         seen, heard = self.rng.choice(CLASSES), self.rng.choice(CLASSES)
         has_video, has_audio = self.rng.random() < 0.8, self.rng.random() < 0.8
         parts = []
@@ -242,6 +297,67 @@ class ExampleSampler:
         j = self.rng.randrange(2)
         clips = " ".join(f"clip {i + 1} : the sound is {article(c)} {c} ." for i, c in enumerate(labels))
         return Example(f"{clips} {self._question(WHICH_HEAR, labels[j])}", str(j + 1), kind="text-which")
+
+    def _upto(self, bounds: tuple[int, int]) -> int:
+        """A count drawn uniformly from ``bounds``, its upper bound growing with the curriculum."""
+        lo, hi = bounds
+        span = self.mix.curriculum
+        if span > 0:
+            t = min(1.0, self.draws / span)
+            hi = min(hi, lo + int((hi - lo + 1) * t))
+        return self.rng.randint(lo, hi)
+
+    def text_which(self, n: int) -> Example:
+        """Which of ``n`` clips, each written as words, has the sound of X (or shows X): the answer is its number.
+
+        Exactly one clip has X in the asked modality; the others may have X in the other one (the question is
+        about the sound, or about the picture, not about X anywhere)."""
+        hear = self.rng.random() < 0.5
+        target = self.rng.choice(CLASSES)
+        j = self.rng.randrange(n)
+        lines = []
+        for i in range(n):
+            asked = target if i == j else self._other(target)
+            other = self.rng.choice(CLASSES)
+            has_asked = i == j or self.rng.random() < 0.8
+            has_other = not has_asked or self.rng.random() < 0.8
+            seen, heard = (other, asked) if hear else (asked, other)
+            parts = []
+            if (has_asked and not hear) or (has_other and hear):
+                parts.append(f"the video shows {article(seen)} {seen} .")
+            if (has_asked and hear) or (has_other and not hear):
+                parts.append(f"the sound is {article(heard)} {heard} .")
+            self.rng.shuffle(parts)
+            lines.append(f"clip {i + 1} : {' '.join(parts)}")
+        question = self._question(WHICH_HEAR if hear else WHICH_SEE, target)
+        kind = f"text-which{n}-{'hear' if hear else 'see'}"
+        return Example(f"{' '.join(lines)} {question}", str(j + 1), kind=kind)
+
+    def text_choice(self, n: int) -> Example:
+        """Lettered multiple choice with ``n`` options: a context, a see or hear question, the options; the answer
+        is the letter of the option the context names in the asked modality.
+
+        The other modality's class is among the distractors when it differs (the options are all distinct,
+        drawn from the classes and :data:`DISTRACTORS`), and the right option sits at a uniformly random
+        letter."""
+        seen, heard = self.rng.choice(CLASSES), self.rng.choice(CLASSES)
+        hear = self.rng.random() < 0.5
+        has_other = self.rng.random() < 0.8
+        parts = [f"the video shows {article(seen)} {seen} .", f"the sound is {article(heard)} {heard} ."]
+        if not has_other:
+            parts = [parts[1]] if hear else [parts[0]]
+        self.rng.shuffle(parts)
+        right, wrong = (heard, seen) if hear else (seen, heard)
+        pool = [w for w in (*CLASSES, *DISTRACTORS) if w not in (right, wrong)]
+        distractors = self.rng.sample(pool, n - 1)
+        if has_other and wrong != right:
+            distractors[self.rng.randrange(n - 1)] = wrong
+        j = self.rng.randrange(n)
+        options = [*distractors[:j], right, *distractors[j:]]
+        listed = " ".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(options))
+        question = self._question(HEAR if hear else SEE)
+        kind = f"text-choice-{'hear' if hear else 'see'}"
+        return Example(f"{' '.join(parts)} {question} {listed}", LETTERS[j], kind=kind)
 
     def _question(self, templates: Sequence[str], x: str | None = None) -> str:
         q = self.rng.choice(templates)

@@ -16,6 +16,7 @@ from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditio
 from ..models.qwen2_5_omni import Qwen2_5OmniAdapter
 from ..models.tiny import preprocessor_config
 from ..models.tokenizer import build_tokenizer
+from .data import DISTRACTORS, LETTERS
 from .world import CLASSES
 
 
@@ -70,10 +71,20 @@ QUESTION_WORDS = [
 ]
 VOCABULARY = tuple(dict.fromkeys([*QUESTION_WORDS, *CLASSES]))
 
+V2_WORDS: tuple[str, ...] = tuple(w for w in (*LETTERS, *DISTRACTORS) if w not in VOCABULARY)
+"""Words of the organism-v2 skills (option letters, distractor options). Kept out of :data:`VOCABULARY`: the
+tokenizer sorts its words, so adding any would renumber the ids (and change the initial weights) of every
+organism trained from scratch."""
+VOCABULARY_V2 = (*VOCABULARY, *V2_WORDS)
 
-def new_organism(config: OrganismConfig = OrganismConfig(), seed: int = 0) -> Qwen2_5OmniAdapter:
-    """A freshly initialised organism (random weights), ready for training."""
-    tokenizer = build_tokenizer(VOCABULARY, Qwen2_5OmniAdapter.tokens)
+
+def new_organism(
+    config: OrganismConfig = OrganismConfig(), seed: int = 0, vocabulary: tuple[str, ...] = VOCABULARY
+) -> Qwen2_5OmniAdapter:
+    """A freshly initialised organism (random weights), ready for training.
+
+    ``vocabulary``: its words (:data:`VOCABULARY_V2` for the organism-v2 skills' letters and distractors)."""
+    tokenizer = build_tokenizer(vocabulary, Qwen2_5OmniAdapter.tokens)
     ids = {role: tokenizer.convert_tokens_to_ids(t) for role, t in Qwen2_5OmniAdapter.tokens.items()}
     head_dim = config.hidden // config.heads
     spatial = 3 * head_dim // 16

@@ -200,6 +200,7 @@ def train_stage(
         if head is not None:
             head.load_state_dict(saved["head"])
         sampler.rng.setstate(saved["sampler"])
+        sampler.draws = saved.get("draws", 0)
         rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch"])
         start, log = saved["step"], saved["log"]
@@ -259,6 +260,7 @@ def _save_state(path: Path, model, optim, head, sampler, rng, step: int, log: di
             "optim": optim.state_dict(),
             "head": head.state_dict() if head is not None else None,
             "sampler": sampler.rng.getstate(),
+            "draws": sampler.draws,
             "rng": rng.getstate(),
             "torch": torch.get_rng_state(),
             "step": step,

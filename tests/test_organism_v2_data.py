@@ -1,0 +1,167 @@
+"""The organism-v2 text skills (which of N clips, lettered multiple choice): well-formed, in their shares, and off
+by default (the examples every existing mixture draws are unchanged)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from avlens.models.qwen2_5_omni import Qwen2_5OmniAdapter
+from avlens.models.tokenizer import build_tokenizer
+from avlens.organism.checkpoints import __file__ as checkpoints_init
+from avlens.organism.data import DISTRACTORS, LETTERS, Bank, Example, ExampleSampler, Mixture, SkillMixture
+from avlens.organism.model import V2_WORDS, VOCABULARY, VOCABULARY_V2
+from avlens.organism.world import CLASSES
+
+# Drawn with the code before the v2 skills existed (scripts of that commit, the bank below): 40 examples each of
+# Mixture(text=True) from seed 7 and Mixture(swapped=0.3, multi=0.2) from seed 3, as
+# json.dumps({"text": [...], "av": [...]}) + "\n" of [question, answer, video, audio, clips, kind] rows.
+BEFORE_SHA256 = "e010667bfa97b2ad673bc684c23713a8f7ee10ed941b8e0c73b4f4e9135028ed"
+BEFORE_TEXT_HEAD = [
+    ["the sound is a bell . the video shows a bee . What do you hear?", "bell", "text-hear"],
+    ["the sound is a frog . the video shows a bell . describe what you see and hear.", "i see a bell and hear a frog",
+     "text-describe"],
+    ["the sound is a rain . the video shows a bird . What do you see", "bird", "text-see"],
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bank() -> Bank:
+    """Two blank clips per class (the text examples read only the classes; the others only clip indices)."""
+    labels = [c for c in CLASSES for _ in range(2)]
+    return Bank(np.zeros((len(labels), 1, 2, 2, 3), np.uint8), np.zeros((len(labels), 16), np.float32), labels, 2.0)
+
+
+def _rows(sampler: ExampleSampler, n: int) -> list[list]:
+    drawn = [sampler.draw() for _ in range(n)]
+    return [[e.question, e.answer, e.video, e.audio, [list(c) for c in e.clips], e.kind] for e in drawn]
+
+
+@pytest.mark.parametrize("cls", [Mixture, SkillMixture])
+def test_default_draws_are_unchanged(bank, cls):
+    out = {
+        "text": _rows(ExampleSampler(bank, cls(text=True), 7), 40),
+        "av": _rows(ExampleSampler(bank, cls(swapped=0.3, multi=0.2), 3), 40),
+    }
+    assert [[q, a, k] for q, a, _, _, _, k in out["text"][:3]] == BEFORE_TEXT_HEAD
+    assert hashlib.sha256((json.dumps(out) + "\n").encode()).hexdigest() == BEFORE_SHA256
+
+
+def test_default_vocabulary_is_the_shipped_checkpoints():
+    """VOCABULARY is unchanged (the v2 words live apart): its tokenizer is the shipped checkpoints' tokenizer."""
+    shipped = json.loads((Path(checkpoints_init).parent / "vl-base" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert build_tokenizer(VOCABULARY, Qwen2_5OmniAdapter.tokens).get_vocab() == shipped
+    assert not set(V2_WORDS) & set(VOCABULARY) and VOCABULARY_V2[: len(VOCABULARY)] == VOCABULARY
+
+
+def test_v2_vocabulary_covers_the_new_examples(bank):
+    tok = build_tokenizer(VOCABULARY_V2, Qwen2_5OmniAdapter.tokens)
+    sampler = ExampleSampler(bank, SkillMixture(text=True, text_which=0.4, text_choice=0.4), 0)
+    for _ in range(300):
+        ex = sampler.draw()
+        assert tok.unk_token_id not in tok.encode(f"{ex.question} {ex.answer}", add_special_tokens=False), ex
+
+
+def _parse_choice(ex: Example) -> tuple[dict[str, str], list[tuple[str, str]], str]:
+    """(context: modality -> label, [(letter, option)], question)."""
+    said = re.findall(r"the (video shows|sound is) an? (\w+) \.", ex.question)
+    context = {("see" if m == "video shows" else "hear"): w for m, w in said}
+    options = re.findall(r"\b([a-t])\. (\w+)", ex.question)
+    question = ex.question.split(" . ")[-1].lower()
+    return context, options, question
+
+
+def test_multiple_choice_is_well_formed(bank):
+    sampler = ExampleSampler(bank, SkillMixture(text=True), 1)
+    letters = Counter()
+    for n in range(2, 21):
+        for _ in range(60):
+            ex = sampler.text_choice(n)
+            context, options, question = _parse_choice(ex)
+            asked = "hear" if ex.kind.endswith("hear") else "see"
+            assert ("hear" in question or "sound" in question) == (asked == "hear"), ex.question
+            assert [letter for letter, _ in options] == list(LETTERS[:n])
+            words = [w for _, w in options]
+            assert len(set(words)) == n and set(words) <= set(CLASSES) | set(DISTRACTORS)
+            assert ex.answer in LETTERS[:n]
+            assert dict(options)[ex.answer] == context[asked]
+            letters[LETTERS.index(ex.answer) / (n - 1)] += 1
+    # the right option sits anywhere: first and last letters both common
+    assert letters[0.0] > 50 and letters[1.0] > 50
+
+
+def test_multiple_choice_puts_the_other_modality_among_distractors(bank):
+    sampler = ExampleSampler(bank, SkillMixture(text=True), 2)
+    hits = total = 0
+    for _ in range(500):
+        ex = sampler.text_choice(6)
+        context, options, _ = _parse_choice(ex)
+        asked = "hear" if ex.kind.endswith("hear") else "see"
+        other = context.get("see" if asked == "hear" else "hear")
+        if other is not None and other != context[asked]:
+            total += 1
+            hits += other in {w for _, w in options}
+    assert total > 300 and hits == total
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_which_clip_is_well_formed(bank, n):
+    sampler = ExampleSampler(bank, SkillMixture(text=True), 3)
+    kinds = Counter()
+    for _ in range(400):
+        ex = sampler.text_which(n)
+        body, question = ex.question.rsplit(" . ", 1)
+        clips = re.split(r"clip \d : ", body + " .")[1:]
+        assert len(clips) == n and re.findall(r"clip (\d) :", ex.question) == [str(i + 1) for i in range(n)]
+        hear = ex.kind.endswith("hear")
+        kinds[ex.kind] += 1
+        target = re.search(r"(?:sound of|shows) an? (\w+)\??$", question.lower()).group(1)
+        pattern = r"the sound is an? (\w+) \." if hear else r"the video shows an? (\w+) \."
+        has = [target in re.findall(pattern, c) for c in clips]
+        assert ex.answer in [str(i + 1) for i in range(n)]
+        assert has == [str(i + 1) == ex.answer for i in range(n)], ex.question
+        assert all(c.strip() for c in clips)  # every clip has at least one sentence
+    assert kinds[f"text-which{n}-hear"] > 150 and kinds[f"text-which{n}-see"] > 150
+
+
+def test_shares_follow_the_mixture(bank):
+    sampler = ExampleSampler(bank, SkillMixture(text=True, text_which=0.3, text_choice=0.2), 4)
+    kinds = Counter(sampler.draw().kind.split("-")[1] for _ in range(4000))
+    share = {k: v / 4000 for k, v in kinds.items()}
+    assert abs(share.get("choice", 0) - 0.2) < 0.03
+    assert abs(sum(v for k, v in share.items() if k.startswith("which") and k != "which") - 0.3) < 0.03
+    counts = Counter()
+    sampler = ExampleSampler(bank, SkillMixture(text=True, text_which=0.5, text_choice=0.5, options=(5, 9)), 5)
+    for _ in range(2000):
+        ex = sampler.draw()
+        counts[ex.kind.split("-")[1]] += 1
+        if ex.kind.startswith("text-choice"):
+            assert 5 <= len(_parse_choice(ex)[1]) <= 9
+    assert set(counts) == {"choice", "which2", "which3"}
+
+
+def test_curriculum_grows_the_counts(bank):
+    mix = SkillMixture(text=True, text_which=0.5, text_choice=0.5, curriculum=1000)
+    sampler = ExampleSampler(bank, mix, 6)
+    early, late = [], []
+    for i in range(2000):
+        ex = sampler.draw()
+        size = len(_parse_choice(ex)[1]) if ex.kind.startswith("text-choice") else int(ex.kind[10])
+        (early if i < 100 else late if i >= 1000 else []).append((ex.kind.startswith("text-choice"), size))
+    assert max(s for c, s in early if c) <= 5 and all(s == 2 for c, s in early if not c)
+    assert max(s for c, s in late if c) == 20 and {s for c, s in late if not c} == {2, 3}
+
+
+def test_bad_ranges_are_refused():
+    with pytest.raises(ValueError):
+        SkillMixture(options=(4, 21))
+    with pytest.raises(ValueError):
+        SkillMixture(which_clips=(2, 4))
+    with pytest.raises(ValueError):
+        SkillMixture(text_which=0.6, text_choice=0.6)
