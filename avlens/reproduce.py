@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,10 @@ def reproduce(
     if base is None:
         names = [n for n in names if not get(n).needs.base]
     configs = {n: get(n).config() for n in names}
+    if data is None and "mitigate" in configs:  # the organism's world: every label it can name
+        from .organism.world import CLASSES
+
+        configs["mitigate"] = replace(configs["mitigate"], labels=tuple(CLASSES))
     config = {
         "models": models,
         "base": base,

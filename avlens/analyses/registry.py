@@ -21,6 +21,7 @@ BUILTIN = (
     "attention_share",
     "sinks",
     "causal_trace",
+    "mitigate",
 )
 """The built-in analyses, in report order: each is the module ``avlens.analyses.<name>``, whose ``SPEC`` is its
 :class:`~avlens.analyses.base.Analysis`."""

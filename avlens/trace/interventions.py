@@ -167,10 +167,14 @@ class Steer(Intervention):
 
     def start(self, layout: TokenLayout, n_layers: int) -> tuple[int, int] | None:
         check_layers(self.layers, n_layers, "Steer")
+        if self.alpha == 0:  # A + 0|A|, or a zero bias: nothing changes
+            return None
         return _attention_start(self.query, self.key, self.layers, layout, self_edge=True)
 
     def lower(self, low: Lowering) -> list[Op]:
         q, k = low.positions(self.query), low.positions(self.key)
+        if self.alpha == 0 or not bool(k.any()) or not bool(q.any()):
+            return []  # a no-op, bit for bit (no explicit mask replaces the model's own causal path)
         heads = torch.zeros(low.n_heads, dtype=torch.bool)
         heads[list(self.heads) if self.heads is not None else slice(None)] = True
         amount = float(torch.log1p(torch.tensor(self.alpha))) if self.mode == "post" else float(self.alpha)
