@@ -597,6 +597,48 @@ def data_multiclip(
     _problems(report)
 
 
+@data_app.command("avhbench", epilog="Example: avlens data avhbench AVHBench_v0 avh")
+@fails_cleanly
+def data_avhbench(
+    root: Annotated[Path, typer.Argument(metavar="ROOT", help="AVHBench's folder (json/ and video/).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (manifest.jsonl).")],
+) -> None:
+    """Turn AVHBench's QA files into a manifest: one row per question, its prompt in `question` and its answer in
+    `expect_question` (ask them with --question "question={question}")."""
+    from .data.formats import avhbench
+
+    with _Bars() as bars:
+        report = avhbench(root, out, progress=bars.simple("QA files"))
+    _problems(report)
+
+
+@data_app.command("vggsound", epilog="Example: avlens data vggsound vggsound.csv clips/ vgg --options 20 --split test")
+@fails_cleanly
+def data_vggsound(
+    csv: Annotated[Path, typer.Argument(metavar="CSV", help="VGGSound's label CSV (youtube_id,start,label,split).")],
+    videos: Annotated[Path, typer.Argument(metavar="VIDEOS", help="Folder of <youtube_id>_<start:06d>.mp4 clips.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (manifest.jsonl).")],
+    options: Annotated[int, typer.Option(help="Lettered options per clip (P2: 20).")] = 20,
+    split: Annotated[str, typer.Option(help="Rows of this split ('all' for every row).")] = "test",
+    seed: Annotated[int, typer.Option(help="Seed of the distractors and their order.")] = 0,
+) -> None:
+    """Turn VGGSound's label CSV into P2's lettered multiple choice: each clip's prompt lists its class among
+    distractors as (A) ... (T) and expects the letter."""
+    from .data.formats import vggsound
+
+    with _Bars() as bars:
+        report = vggsound(
+            csv,
+            videos,
+            out,
+            n_options=options,
+            split=None if split == "all" else split,
+            seed=seed,
+            progress=bars.simple("clips"),
+        )
+    _problems(report)
+
+
 def _interrupted(e: BaseException) -> str:
     detail = str(e) if isinstance(e, KeyboardInterrupt) else ""
     return f"avlens: interrupted; {detail}" if detail else "avlens: interrupted"

@@ -136,8 +136,22 @@ def expected_answer(row: Mapping[str, Any], kind: str, condition: str) -> str | 
     return NOTHING if condition in (_SILENT if kind == "hear" else _UNSEEN) else None
 
 
+def row_prompt(row: Mapping[str, Any], prompt: str) -> tuple[str, str | None]:
+    """``prompt`` with ``{question}`` replaced by the row's ``question`` column, and a problem when it has none."""
+    if "{question}" not in prompt:
+        return prompt, None
+    question = _value(row, "question")
+    if question is None:
+        return prompt, "the prompt asks for {question} but the row has no question"
+    return prompt.replace("{question}", str(question)), None
+
+
 def _sample(row: Mapping[str, Any], prompt: str, condition: str) -> tuple[Sample, str | None]:
-    """The sample of a row for one prompt, and why it cannot be asked (None when it can)."""
+    """The sample of a row for one prompt, and why it cannot be asked (None when it can). ``{question}`` in the
+    prompt is the row's own ``question`` column (benchmarks with a prompt per row: :mod:`avlens.data.formats`)."""
+    prompt, problem = row_prompt(row, prompt)
+    if problem is not None:
+        return Sample(prompt), problem
     video, audio, image = _value(row, "video"), _value(row, "audio"), _value(row, "image")
     clips = _value(row, "clips")
     if clips is not None and len(clips):

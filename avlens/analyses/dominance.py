@@ -30,6 +30,7 @@ from ..errors import InputError
 from ..media import VideoClip, load_video
 from ..models.base import Adapter, Sample
 from ..trace import generate
+from .common import row_prompt
 
 __all__ = ["VARIANTS", "dominance", "dominant_of", "zeroed"]
 
@@ -67,7 +68,9 @@ def dominance(
     Args:
         adapter: the model (``adapter.prepare`` builds the inputs, :func:`avlens.trace.generate` answers).
         manifest: a manifest file or table; needs ``video`` (and ``audio`` where the sound is a separate file).
-        question: the prompt, e.g. "Which of bell, drum, bird is in the clip? Answer with one word."
+        question: the prompt, e.g. "Which of bell, drum, bird is in the clip? Answer with one word."; ``{question}``
+            in it is each row's own ``question`` column (e.g. :func:`avlens.data.formats.vggsound`'s lettered
+            options, with ``labels=LETTERS`` and ``answer_of=read_letter``).
         labels: the answers to look for.
         answer_of: text, labels -> label or None (default :func:`first_label`).
         batch_size: clips per generation batch (each gives 3 prompts).
@@ -98,7 +101,11 @@ def dominance(
             except InputError as e:
                 problems.append(problem_row(row["id"], e))
                 continue
-            samples += _dominance_samples(row["id"], question, video, audio)
+            prompt, problem = row_prompt(row, question)
+            if problem is not None:
+                problems.append({"id": row["id"], "file": None, "reason": problem})
+                continue
+            samples += _dominance_samples(row["id"], prompt, video, audio)
         texts = _generate_texts(adapter, samples, max_new_tokens, problems)
         for row in chunk:
             got = {v: texts.get(f"{row['id']}:{v}") for v in VARIANTS}
