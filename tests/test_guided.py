@@ -83,3 +83,13 @@ def test_steering_and_guidance_compose(batch):
     plain = generate(adapter, inputs, steer, max_new_tokens=STEPS)
     got = generate_guided(adapter, inputs, GUIDED, weight=0.0, interventions=steer, max_new_tokens=STEPS)
     assert torch.equal(got.tokens, plain.tokens)
+
+
+def test_a_guided_branch_acting_on_generated_tokens_only(batch):
+    """The guided branch shares the plain one's prefill below its first acting position; one that acts only on
+    generated tokens shares all of it, and weight 1 still equals it alone."""
+    adapter, inputs = batch
+    only_generated = (Knockout("generated", "video", layers=range(adapter.n_layers)),)
+    alone = generate(adapter, inputs, only_generated, max_new_tokens=STEPS)
+    got = generate_guided(adapter, inputs, only_generated, weight=1.0, max_new_tokens=STEPS)
+    assert torch.equal(got.tokens, alone.tokens)

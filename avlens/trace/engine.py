@@ -283,7 +283,11 @@ def generate_guided(
         plain = _Forward(adapter, emb, layout, rows, [list(interventions)] * b, caps, "sdpa", "last")
         guide = _Forward(adapter, emb, layout, rows, [[*interventions, *guided]] * b, (), "sdpa", "last")
         plain.prefill(0, 0, None)
-        guide.prefill(0, 0, None)
+        # The guided branch differs from the plain one only from its first acting position on: below it, it
+        # reads the plain branch's keys and values (the shared-prefix strategy of run_conditions).
+        start = start_of(guided, layout, adapter.n_layers)
+        first = inputs.length - 1 if start is None else min(start[1], inputs.length - 1)
+        guide.prefill(0, first, plain if first > 0 else None)
         weights: list[torch.Tensor] = []
 
         def combined() -> torch.Tensor:
