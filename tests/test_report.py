@@ -202,7 +202,7 @@ def _tables_of(out, name: str) -> dict[str, pd.DataFrame]:
 
 
 P1 = ("counterfactual", "probe", "logit_lens", "knockout", "token_shift", "attention_share")
-P2 = ("sinks", "causal_trace")
+P2 = ("sinks", "causal_trace", "mitigate")
 ANALYSES = P1 + P2
 
 

@@ -56,7 +56,7 @@ def test_every_analysis_runs_and_reports(setup, tmp_path):
     out = result.out
     summary = json.loads((out / "summary.json").read_text(), parse_constant=_refuse)  # strict JSON: no NaN
     names = {"counterfactual", "probe", "logit_lens", "knockout", "token_shift", "attention_share"}  # P1
-    names |= {"sinks", "causal_trace"}  # P2
+    names |= {"sinks", "causal_trace", "mitigate"}  # P2
     assert set(summary["headline"]) == names
     for name, h in summary["headline"].items():
         assert set(h["models"]) == {"tiny"} and h["figure"], name
@@ -72,6 +72,7 @@ def test_every_analysis_runs_and_reports(setup, tmp_path):
         "attention_share.shares",
         "sinks.positions",
         "causal_trace.items",
+        "mitigate.probes",
     } <= set(results)
     # Tables an analysis's finalize computes from the records are results too, with the model beside each row.
     for table in ("probe.probes", "probe.skipped", "token_shift.positions"):
