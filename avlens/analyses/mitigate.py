@@ -576,6 +576,7 @@ def plot(tables_by_model: dict[str, dict[str, pd.DataFrame]]) -> Figure:
             ax.bar(x + (k - 0.5) * 0.38, vals, width=0.38, color=color, label=f"{label} probes")
         ax.set_xticks(x, [m.replace("_", " ") for m in methods], rotation=20)
         ax.set_ylim(0, 1.05)
+        ax.set_xlabel("method (at its dev-chosen setting)")
         ax.set_ylabel("yes/no accuracy (test split)")
         ax.set_title(f"{model}: n = {test.item.nunique()} clips")
     legend_outside(fig, axes)
