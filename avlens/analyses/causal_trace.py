@@ -674,7 +674,7 @@ def _restore_call(s: Summary) -> str | None:
     return "disagrees"
 
 
-def _difference_call(d: list[float | None]) -> str | None:
+def difference_call(d: list[float | None]) -> str | None:
     """See :data:`DIFFERENCE_RULE`."""
     if not d or d[0] is None:
         return None
@@ -715,14 +715,14 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
         "Sink tokens carry more of it than random tokens of the same count",
         "sinks (N = 2) 6.24 against random 4.24 IE_clean",
         "; ".join(f"{m}: sinks - random {diff(s.sinks_minus_random)}" for m, s in summaries.items()),
-        verdict([_difference_call(s.sinks_minus_random) for s in summaries.values()]),
+        verdict([difference_call(s.sinks_minus_random) for s in summaries.values()]),
         f"Paired per item; random is the mean of its draws. {DIFFERENCE_RULE}.",
     )
     cross = Finding(
         "Cross-modal sinks carry more of it than unimodal sinks",
         "cross-modal sinks beat unimodal sinks in IE_clean and IE_corrupt",
         "; ".join(f"{m}: cross-modal - unimodal {diff(s.cross_minus_unimodal)}" for m, s in summaries.items()),
-        verdict([_difference_call(s.cross_minus_unimodal) for s in summaries.values()]),
+        verdict([difference_call(s.cross_minus_unimodal) for s in summaries.values()]),
         f"Paired per item, within the first N's sinks of the non-dominant modality split at the median of MDS. "
         f"{DIFFERENCE_RULE}.",
     )

@@ -51,7 +51,15 @@ from ..errors import InputError
 from ..models.base import Adapter
 from ..trace import Capture, Knockout, Steer, generate, generate_guided, run, run_conditions
 from .base import Analysis, Finding, Needs, num, verdict
-from .causal_trace import SinkSettings, mean_ci, sink_captures, sink_scores, token_sets
+from .causal_trace import (
+    DIFFERENCE_RULE,
+    SinkSettings,
+    difference_call,
+    mean_ci,
+    sink_captures,
+    sink_scores,
+    token_sets,
+)
 from .common import Item, first_token, words
 from .plotting import legend_outside
 
@@ -584,15 +592,6 @@ def plot(tables_by_model: dict[str, dict[str, pd.DataFrame]]) -> Figure:
     return fig
 
 
-RULE = "agrees: the paired 95% interval of the gain above 0; partly: a positive mean; disagrees: otherwise"
-
-
-def _call(g: list[float | None] | None) -> str | None:
-    if not g or g[0] is None:
-        return None
-    return "agrees" if g[1] > 0 else "partly" if g[0] > 0 else "disagrees"
-
-
 def findings(summaries: dict[str, Summary]) -> list[Finding]:
     def said(s: Summary, m: str) -> str:
         g = s.gain.get(m)
@@ -621,8 +620,9 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
                 claim,
                 "proposed; no numbers released (364 VGGSound animal clips, captions)",
                 "; ".join(f"{model}: {said(s, m)}" for model, s in summaries.items()),
-                verdict([_call(s.gain.get(m)) for s in summaries.values()]),
-                f"Yes/no probes with absent classes in both directions, test split, settings chosen on dev. {RULE}.",
+                verdict([difference_call(s.gain.get(m)) for s in summaries.values()]),
+                "Yes/no probes with absent classes in both directions, test split, settings chosen on dev; the gain is "
+                f"paired per clip. {DIFFERENCE_RULE}.",
             )
         )
     return out
