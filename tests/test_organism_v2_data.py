@@ -1,5 +1,5 @@
-"""The organism-v2 text skills (which of N clips, lettered multiple choice): well-formed, in their shares, and off
-by default (the examples every existing mixture draws are unchanged)."""
+"""The organism-v2 text skills (which of N clips, lettered multiple choice, option lookup): well-formed, in their
+shares, and off by default (the examples every existing mixture draws are unchanged)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ from avlens.organism.world import CLASSES
 # Mixture(text=True) from seed 7 and Mixture(swapped=0.3, multi=0.2) from seed 3, as
 # json.dumps({"text": [...], "av": [...]}) + "\n" of [question, answer, video, audio, clips, kind] rows.
 BEFORE_SHA256 = "e010667bfa97b2ad673bc684c23713a8f7ee10ed941b8e0c73b4f4e9135028ed"
+# Drawn with the code before option lookup existed: 60 examples of
+# SkillMixture(text=True, text_which=0.3, text_choice=0.2, curriculum=100) from seed 8, as
+# json.dumps([[question, answer, kind], ...]) + "\n".
+BEFORE_LOOKUP_SHA256 = "9715727485e2bf17dcb2cf9e6b8703ec7363b2344ea1b9cb1a8dda7cf4f9853d"
 BEFORE_TEXT_HEAD = [
     ["the sound is a bell . the video shows a bee . What do you hear?", "bell", "text-hear"],
     ["the sound is a frog . the video shows a bell . describe what you see and hear.", "i see a bell and hear a frog",
@@ -62,7 +66,7 @@ def test_default_vocabulary_is_the_shipped_checkpoints():
 
 def test_v2_vocabulary_covers_the_new_examples(bank):
     tok = build_tokenizer(VOCABULARY_V2, Qwen2_5OmniAdapter.tokens)
-    sampler = ExampleSampler(bank, SkillMixture(text=True, text_which=0.4, text_choice=0.4), 0)
+    sampler = ExampleSampler(bank, SkillMixture(text=True, text_which=0.3, text_choice=0.3, text_lookup=0.3), 0)
     for _ in range(300):
         ex = sampler.draw()
         assert tok.unk_token_id not in tok.encode(f"{ex.question} {ex.answer}", add_special_tokens=False), ex
@@ -158,6 +162,49 @@ def test_curriculum_grows_the_counts(bank):
     assert max(s for c, s in late if c) == 20 and {s for c, s in late if not c} == {2, 3}
 
 
+def test_skill_draws_without_lookup_are_unchanged(bank):
+    """A lookup share of 0 (the default) leaves the draws of a which-clip and multiple-choice mixture as they were."""
+    mix = SkillMixture(text=True, text_which=0.3, text_choice=0.2, curriculum=100)
+    sampler = ExampleSampler(bank, mix, 8)
+    rows = [[e.question, e.answer, e.kind] for e in (sampler.draw() for _ in range(60))]
+    assert hashlib.sha256((json.dumps(rows) + "\n").encode()).hexdigest() == BEFORE_LOOKUP_SHA256
+
+
+def test_lookup_is_well_formed(bank):
+    """The answer letter points at the option equal to the word asked about; there is no context."""
+    sampler = ExampleSampler(bank, SkillMixture(text=True), 9)
+    letters, asked_words = Counter(), Counter()
+    for n in range(2, 21):
+        for _ in range(60):
+            ex = sampler.text_lookup(n)
+            assert ex.kind == "text-lookup" and not re.search("video shows|sound is", ex.question)
+            asked = re.match(r"which is an? (\w+)\??$", ex.question.split(" a. ")[0].lower()).group(1)
+            options = re.findall(r"\b([a-t])\. (\w+)", ex.question)
+            assert [letter for letter, _ in options] == list(LETTERS[:n])
+            words = [w for _, w in options]
+            assert len(set(words)) == n and set(words) <= set(CLASSES) | set(DISTRACTORS)
+            assert ex.answer in LETTERS[:n] and dict(options)[ex.answer] == asked
+            letters[LETTERS.index(ex.answer) / (n - 1)] += 1
+            asked_words[asked] += 1
+    assert letters[0.0] > 50 and letters[1.0] > 50
+    assert set(asked_words) == set(CLASSES) | set(DISTRACTORS)  # distractor words are asked too: no shortcut
+
+
+def test_lookup_share_and_options_from_two(bank):
+    mix = SkillMixture(text=True, text_which=0.2, text_choice=0.2, text_lookup=0.25, options=(2, 20), curriculum=2000)
+    sampler = ExampleSampler(bank, mix, 10)
+    kinds, early, late = Counter(), [], []
+    for i in range(4000):
+        ex = sampler.draw()
+        kinds[ex.kind.split("-")[1]] += 1
+        if ex.kind in ("text-lookup", "text-choice-see", "text-choice-hear"):
+            n = len(re.findall(r"\b[a-t]\. \w+", ex.question))
+            (early if i < 200 else late if i >= 2000 else []).append(n)
+    assert abs(kinds["lookup"] / 4000 - 0.25) < 0.03 and abs(kinds["choice"] / 4000 - 0.2) < 0.03
+    assert min(early) == 2 and max(early) <= 4  # the curriculum starts at 2 options
+    assert min(late) == 2 and max(late) == 20
+
+
 def test_bad_ranges_are_refused():
     with pytest.raises(ValueError):
         SkillMixture(options=(4, 21))
@@ -165,3 +212,7 @@ def test_bad_ranges_are_refused():
         SkillMixture(which_clips=(2, 4))
     with pytest.raises(ValueError):
         SkillMixture(text_which=0.6, text_choice=0.6)
+    with pytest.raises(ValueError):
+        SkillMixture(text_which=0.4, text_choice=0.4, text_lookup=0.3)
+    with pytest.raises(ValueError):
+        SkillMixture(text_lookup=-0.1)

@@ -47,6 +47,8 @@ DESCRIBE = ("describe what you see and hear.", "describe the clip.")
 DESCRIBE_SEEN = ("describe what you see.",)
 WHICH_HEAR = ("which clip has the sound of {a} {x}?",)
 WHICH_SEE = ("which clip shows {a} {x}?",)
+LOOKUP = ("which is {a} {x}?",)
+"""Option lookup: the asked word is given in the question (words of the default vocabulary only)."""
 
 
 def article(word: str) -> str:
@@ -191,13 +193,17 @@ class SkillMixture(Mixture):
     """A text mixture with the organism-v2 skills: which of N clips, and lettered multiple choice.
 
     A subclass rather than new :class:`Mixture` fields so that every existing stage keeps its settings (and the
-    stage keys hashed from them) unchanged. With both shares at 0 it draws exactly what :class:`Mixture` draws.
+    stage keys hashed from them) unchanged. With every share at 0 it draws exactly what :class:`Mixture` draws,
+    and a ``text_lookup`` of 0 leaves the draws of any ``text_which``/``text_choice`` unchanged.
 
     Attributes:
         text_which: share of text examples asking which of N clips (N in ``which_clips``) has the sound of X or
             shows X; each clip is written with a video and/or a sound sentence.
         text_choice: share of lettered multiple-choice text examples ("what do you hear? a. bell b. dog ...",
             answered with a letter), with a number of options in ``options``.
+        text_lookup: share of lettered option-lookup text examples, multiple choice's first sub-skill: no
+            context, the answer word is in the question ("which is a rain? a. bell b. rain" -> "b"), with a
+            number of options in ``options``.
         which_clips: (min, max) number of clips of which-clip examples (2..3).
         options: (min, max) number of options of multiple-choice examples (2..20).
         curriculum: number of draws over which the upper bounds of ``which_clips`` and ``options`` grow linearly
@@ -206,6 +212,7 @@ class SkillMixture(Mixture):
 
     text_which: float = 0.0
     text_choice: float = 0.0
+    text_lookup: float = 0.0
     which_clips: tuple[int, int] = (2, 3)
     options: tuple[int, int] = (4, 20)
     curriculum: int = 0
@@ -217,8 +224,9 @@ class SkillMixture(Mixture):
         lo, hi = self.options
         if not 2 <= lo <= hi <= len(LETTERS):
             raise ValueError(f"options must be within 2..{len(LETTERS)}, got {self.options}")
-        if self.text_which < 0 or self.text_choice < 0 or self.text_which + self.text_choice > 1:
-            raise ValueError("text_which and text_choice must be shares summing to at most 1")
+        shares = (self.text_which, self.text_choice, self.text_lookup)
+        if min(shares) < 0 or sum(shares) > 1:
+            raise ValueError("text_which, text_choice and text_lookup must be shares summing to at most 1")
 
 
 class ExampleSampler:
@@ -259,15 +267,18 @@ class ExampleSampler:
         heard, answer with it, compare it with a word (yes/no), say "nothing", pick a clip. Media are written as
         words here ("the video shows a bell"); real AVLLMs bring these skills from their language model.
 
-        A :class:`SkillMixture` with a share of which-of-N or multiple-choice examples draws one more number
-        first, to choose among them (with both shares at 0 nothing more is drawn)."""
+        A :class:`SkillMixture` with a share of which-of-N, multiple-choice or option-lookup examples draws one
+        more number first, to choose among them (with every share at 0 nothing more is drawn)."""
         which, choice = getattr(self.mix, "text_which", 0.0), getattr(self.mix, "text_choice", 0.0)
-        if which or choice:
+        lookup = getattr(self.mix, "text_lookup", 0.0)
+        if which or choice or lookup:
             k = self.rng.random()
             if k < choice:
                 return self.text_choice(self._upto(self.mix.options))
             if k < choice + which:
                 return self.text_which(self._upto(self.mix.which_clips))
+            if k < choice + which + lookup:
+                return self.text_lookup(self._upto(self.mix.options))
         seen, heard = self.rng.choice(CLASSES), self.rng.choice(CLASSES)
         has_video, has_audio = self.rng.random() < 0.8, self.rng.random() < 0.8
         parts = []
@@ -358,6 +369,21 @@ class ExampleSampler:
         question = self._question(HEAR if hear else SEE)
         kind = f"text-choice-{'hear' if hear else 'see'}"
         return Example(f"{' '.join(parts)} {question} {listed}", LETTERS[j], kind=kind)
+
+    def text_lookup(self, n: int) -> Example:
+        """Lettered option lookup with ``n`` options: "which is a rain? a. bell ... p. rain ..." -> "p".
+
+        Multiple choice without its context: the asked word is in the question, so the skill is only to find the
+        option equal to it and answer with its letter. The asked word and the other options are distinct words of
+        the classes and :data:`DISTRACTORS` (any of them may be asked, so that "the answer is a class" is no
+        shortcut), and the right option sits at a uniformly random letter."""
+        words = (*CLASSES, *DISTRACTORS)
+        asked = self.rng.choice(words)
+        distractors = self.rng.sample([w for w in words if w != asked], n - 1)
+        j = self.rng.randrange(n)
+        options = [*distractors[:j], asked, *distractors[j:]]
+        listed = " ".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(options))
+        return Example(f"{self._question(LOOKUP, asked)} {listed}", LETTERS[j], kind="text-lookup")
 
     def _question(self, templates: Sequence[str], x: str | None = None) -> str:
         q = self.rng.choice(templates)
