@@ -46,7 +46,7 @@ from transformers import DynamicCache
 
 from ..layout import TokenLayout
 from ..models.base import Adapter, Embedded, Inputs
-from .attention import ACTIVE, BACKENDS, NAME, masked_softmax, probabilities, register, repeat_kv
+from .attention import ACTIVE, BACKENDS, NAME, probabilities, register
 from .interventions import AnyCapture, AttentionCapture, Intervention, ReceivedCapture
 from .ops import BiasLogits, BlockEdges
 from .plan import Plan, compile_plan
@@ -358,6 +358,37 @@ def start_of(interventions: Sequence[Intervention], layout: TokenLayout, n_layer
     return min(s[0] for s in starts), min(s[1] for s in starts)
 
 
+@torch.no_grad()
+def unchanged_prefix(adapter: Adapter, a: Inputs, b: Inputs) -> torch.Tensor:
+    """How many leading positions of each sample the decoder receives identically in batches ``a`` and ``b``
+    (input embeddings, positions, padding and any per-layer additions equal bit for bit).
+
+    A causal decoder computes the same state at those positions in every layer of both runs, so patching one
+    run's states into the other there changes nothing: a causal trace may leave them out of its patched set
+    and save their recomputation (the engine's shared prefix then reaches the first position that differs).
+
+    Returns:
+        (B,) long, in 0..L (L when the two batches are the same throughout).
+
+    Raises:
+        ValueError: the batches differ in size or length.
+    """
+    if (a.batch_size, a.length) != (b.batch_size, b.length):
+        raise ValueError(f"batches of {a.batch_size}x{a.length} and {b.batch_size}x{b.length} tokens")
+    ea, eb = adapter.embed(a), adapter.embed(b)
+    same = (
+        (ea.embeds == eb.embeds).all(-1)
+        & (ea.position_ids == eb.position_ids).all(0)
+        & (ea.attention_mask == eb.attention_mask)
+    )
+    for layer in ea.additions.keys() | eb.additions.keys():
+        if layer not in ea.additions or layer not in eb.additions:
+            return torch.zeros(a.batch_size, dtype=torch.long)
+        same &= (ea.additions[layer] == eb.additions[layer]).all(-1)
+    differs = ~same.cpu()
+    return torch.where(differs.any(1), differs.int().argmax(1), a.length)
+
+
 @contextlib.contextmanager
 def _avlens_attention(adapter: Adapter) -> Iterator[None]:
     """The text decoder's attention through avlens's function for the duration of a run, then as it was."""
@@ -524,7 +555,8 @@ class _Forward:
         self.now = _Pass(q_pos, text_pos, rope_pos, causal=plain, dense=start_pos == 0 and length == self.layout.length)
         self.cache = DynamicCache()
         self.k_pos: dict[int, torch.Tensor] = {}
-        # The baseline's keys/values of positions < start_pos, per sample: shared by every row, never copied.
+        # The baseline's keys/values of positions < start_pos, per sample (each layer's attention puts them
+        # before its rows' own keys).
         self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if start_pos > 0:
             positions = torch.arange(start_pos, device=dev).expand(r, -1)
@@ -769,45 +801,13 @@ class _Forward:
         """This run's attention at its own positions: query (R, H, Q, d), key/value (R, H_kv, K, d) -> (R, Q, H,
         d)."""
         prefix = self.prefix.get(layer)
-        k_len = key.shape[2] + (0 if prefix is None else prefix[0].shape[2])
-        mask = self._mask(layer, query.shape[2], k_len)
+        if prefix is not None:  # the baseline's keys/values before this run's first position, per sample
+            key = torch.cat([prefix[0][self.rows], key], 2)
+            value = torch.cat([prefix[1][self.rows], value], 2)
+        mask = self._mask(layer, query.shape[2], key.shape[2])
         if layer in self.plan.layers("attention") or layer in self.plan.layers("received"):
-            full = key if prefix is None else torch.cat([prefix[0][self.rows], key], 2)
-            self._record_attention(layer, module, query, full, mask, scaling)
-        if prefix is not None:
-            return self._attend_with_prefix(module, query, key, value, mask, scaling, *prefix)
+            self._record_attention(layer, module, query, key, mask, scaling)
         return self.backend(module, query, key, value, mask, scaling)
-
-    def _attend_with_prefix(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: torch.Tensor,
-        scaling: float,
-        pk: torch.Tensor,
-        pv: torch.Tensor,
-    ) -> torch.Tensor:
-        """Explicit-softmax attention over the baseline's prefix pk/pv (S, H_kv, P, d), indexed by sample, and
-        this run's own key/value (R, H_kv, K, d). Rows are (condition, sample) pairs, row j*S + s being sample s
-        (as run_conditions lays them out), so the prefix is broadcast over conditions instead of copied per row.
-        query (R, H, Q, d) -> (R, Q, H, d)."""
-        r, h, q, d = query.shape
-        s, kvh, p, _ = pk.shape
-        g, c = h // kvh, r // s
-        grouped = query.reshape(c, s, kvh, g, q, d)
-        scores = torch.cat(
-            [
-                torch.einsum("cskgqd,skpd->cskgqp", grouped, pk).reshape(r, h, q, p),
-                query @ repeat_kv(key, g).transpose(2, 3),
-            ],
-            -1,
-        )
-        probs = masked_softmax(scores * scaling, mask).to(query.dtype)
-        out = torch.einsum("cskgqp,skpd->cskgqd", probs[..., :p].reshape(c, s, kvh, g, q, p), pv).reshape(r, h, q, d)
-        out = out + probs[..., p:] @ repeat_kv(value, g)
-        return out.transpose(1, 2).contiguous()
 
     def _mask(self, layer: int, q_len: int, k_len: int) -> torch.Tensor | None:
         """The attention mask of this run's own positions at ``layer``, on the query's device: causal, padding,
