@@ -7,13 +7,14 @@ process, the variants taking turns round by round:
 - trace_speedup: every restored run of one Table-1 row set, 6 token subsets x (the attention input of all
   layers + 8 single-layer residual windows) = 54 runs, the papers' way (one eager forward of the model per
   restored run, clean values written by forward hooks on its own modules) / avlens (one ``run_conditions``);
-  both include the clean run that records the states;
+  both include the clean run that records the states, and avlens leaves out, as ``causal_trace`` does, the
+  patched tokens before ``unchanged_prefix`` (the first chunk's video, before any audio: no-ops);
 - guided_decoding_cost: seconds per generated token of ``generate_guided`` (two branches, P2's schedule as the
   weight's source is not timed: a fixed weight) / plain ``generate``;
 - steer_cost: the same for ``generate`` with a Steer toward a quarter of the video tokens in the upper half of the
   layers / plain ``generate``.
 
-Usage: python benchmarks/causal_trace.py [--repeats N]
+Usage: python benchmarks/causal_trace.py [--repeats N] [--threads T]
 """
 
 from __future__ import annotations
@@ -33,7 +34,17 @@ from trace_overhead import timed
 
 from avlens.models import Sample
 from avlens.models.tiny import tiny_model
-from avlens.trace import Capture, Knockout, Patch, Steer, generate, generate_guided, run, run_conditions
+from avlens.trace import (
+    Capture,
+    Knockout,
+    Patch,
+    Steer,
+    generate,
+    generate_guided,
+    run,
+    run_conditions,
+    unchanged_prefix,
+)
 
 TOKENS = 16
 
@@ -41,8 +52,9 @@ TOKENS = 16
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job holds a core)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     adapter = tiny_model("qwen2.5-omni", layers=8, hidden=512, heads=8, kv_heads=4, encoder_hidden=64, seed=0)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 255, (12, 224, 224, 3), dtype=np.uint8)
@@ -60,12 +72,15 @@ def main() -> None:
         m = torch.zeros_like(layout.valid)
         m[0, pos] = True
         masks[name] = m
-    grouped = corrupt_in.layout
-    for name, m in masks.items():
-        grouped = grouped.with_group(f"b_{name}", m)
-    corrupt_g = replace(corrupt_in, layout=grouped)
 
     def avlens_trace() -> None:
+        # as causal_trace does: patched tokens the two runs share bit for bit are no-ops, left out
+        since = unchanged_prefix(adapter, clean_in, corrupt_in)
+        differing = torch.arange(clean_in.length)[None] >= since[:, None]
+        grouped = corrupt_in.layout
+        for name, m in masks.items():
+            grouped = grouped.with_group(f"b_{name}", m & differing)
+        corrupt_g = replace(corrupt_in, layout=grouped)
         clean = run(
             adapter,
             clean_in,

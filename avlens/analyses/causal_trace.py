@@ -49,7 +49,7 @@ from ..errors import InputError
 from ..layout import TokenLayout
 from ..media import VideoClip, load_audio, load_video
 from ..models.base import Adapter, Inputs, Sample
-from ..trace import Capture, Patch, run, run_conditions
+from ..trace import Capture, Patch, run, run_conditions, unchanged_prefix
 from . import sinks
 from .base import Analysis, Finding, num, verdict
 from .common import Item, first_token
@@ -327,7 +327,16 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
 def _item_record(it: Item, dominant: str | None, answers: dict, config: Config, **values: object) -> dict:
     """A row of ``items``: every column present (None where an item was not traced)."""
     sets = ["all", *(f"sinks_n{n}" for n in config.n), "most_attended", "unimodal", "cross_modal"]
-    keys = ["p_clean", "p_corrupt_correct", "p_corrupt_corrupt", "definition", "dims", "length", "precedes"]
+    keys = [
+        "p_clean",
+        "p_corrupt_correct",
+        "p_corrupt_corrupt",
+        "definition",
+        "dims",
+        "length",
+        "precedes",
+        "unchanged",
+    ]
     keys += [f"n_{name}" for name in sets]
     unknown = set(values) - set(keys)
     if unknown:
@@ -404,9 +413,14 @@ def _restore(adapter: Adapter, traced: list, config: Config, out: dict) -> None:
         precedes.append(bool(own.any()) and len(dominant_at) > 0 and int(own.nonzero().max()) < int(dominant_at.min()))
         sets_by_row.append(token_sets(own, valid, hits, received, score, modality, config, rng))
     names = list(sets_by_row[0])
+    # Patched tokens before the first position the two runs feed the decoder differently are no-ops (their clean
+    # and corrupted states are equal in every layer): left out, so the restored runs share the corrupted run's
+    # work up to that position. The sets, their sizes and the effects are unchanged.
+    unchanged = unchanged_prefix(adapter, clean_in, corrupt_in)
+    differing = torch.arange(layout.length)[None] >= unchanged[:, None]
     grouped = corrupt_in.layout
     for name in names:
-        grouped = grouped.with_group(f"trace_{name}", torch.stack([s[name] for s in sets_by_row]))
+        grouped = grouped.with_group(f"trace_{name}", torch.stack([s[name] for s in sets_by_row]) & differing)
     corrupt_in = replace(corrupt_in, layout=grouped)
 
     conditions: dict[str, list] = {"corrupt": []}
@@ -441,6 +455,7 @@ def _restore(adapter: Adapter, traced: list, config: Config, out: dict) -> None:
                 dims=",".join(map(str, dims)),
                 length=int(layout.valid[b].sum()),
                 precedes=precedes[b],
+                unchanged=int(unchanged[b]),
                 **sizes,
             )
         )

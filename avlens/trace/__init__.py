@@ -1,6 +1,6 @@
 """The intervention engine: forwards and generation with interventions given as data (see engine.py)."""
 
-from .engine import Schedule, Trace, generate, generate_guided, run, run_conditions, start_of
+from .engine import Schedule, Trace, generate, generate_guided, run, run_conditions, start_of, unchanged_prefix
 from .interventions import (
     Ablate,
     AttentionCapture,
@@ -34,4 +34,5 @@ __all__ = [
     "run",
     "run_conditions",
     "start_of",
+    "unchanged_prefix",
 ]
