@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from avlens.analyses import counterfactual, knockout, probe, token_shift
-from avlens.analyses.common import Item, follows
+from avlens.analyses.common import Item, follows, token_follows
 from avlens.data import counterfactual as build_counterfactual
 from avlens.data import read_manifest
 from avlens.models.base import Sample
@@ -36,9 +36,9 @@ def test_follows_names_both_labels_and_congruent_clips():
 
 def test_knockout_factual_level_counts_congruent_answers():
     """A congruent clip answered with its one label names the sound: the factual level is 100%, not 0%."""
-    assert knockout._follows(7, 7, 7) == "both"
-    assert knockout._follows(7, 7, 8) == "audio" and knockout._follows(8, 7, 8) == "visual"
-    assert knockout._follows(9, 7, 8) == "neither"
+    assert token_follows(7, 7, 7) == "both"
+    assert token_follows(7, 7, 8) == "audio" and token_follows(8, 7, 8) == "visual"
+    assert token_follows(9, 7, 8) == "neither"
     rows = []
     for i, cond in enumerate(["factual"] * 2 + ["swapped"] * 2):
         for s in range(3):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
+import torch
 
 from ..errors import InputError
 from ..models.base import Adapter, Clip, Inputs, Sample
@@ -323,3 +324,77 @@ def follows(text: str, item: Item) -> str:
     a = item.audio_label is not None and item.audio_label in w
     v = item.visual_label is not None and item.visual_label in w
     return "both" if a and v else "audio" if a else "visual" if v else "neither"
+
+
+class LabelTokens:
+    """First-token ids of label words (None for no label), looked up once per word."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+        self.ids: dict[str, int] = {}
+
+    def __call__(self, word: str | None) -> int | None:
+        if word is None:
+            return None
+        if word not in self.ids:
+            self.ids[word] = first_token(self.adapter, word)
+        return self.ids[word]
+
+
+class Readout:
+    """What one condition says about each row of a batch: label probabilities and the argmax answer (one-token
+    answers read at the last prompt position; the columns of knockout-style tables, see :meth:`row`).
+
+    Args:
+        logits: (B, V) at the last prompt position.
+    """
+
+    def __init__(self, logits: torch.Tensor, chunk: list[Item], token: LabelTokens) -> None:
+        probs = torch.softmax(logits.float(), -1)
+        top = logits.argmax(-1)
+        self.values = []
+        for b, it in enumerate(chunk):
+            a, v, x = token(it.audio_label), token(it.visual_label), token(it.expected)
+            answer = int(top[b])
+            self.values.append(
+                {
+                    "p_audio": float(probs[b, a]) if a is not None else float("nan"),
+                    "p_visual": float(probs[b, v]) if v is not None else float("nan"),
+                    "p_expected": float(probs[b, x]) if x is not None else float("nan"),
+                    "answer": token.adapter.decode([answer]),
+                    "correct": None if x is None else answer == x,
+                    "follows": token_follows(answer, a, v),
+                }
+            )
+
+    def row(self, b: int, base: Readout) -> dict:
+        now, ref = self.values[b], base.values[b]
+        return {
+            "p_audio": now["p_audio"],
+            "p_visual": now["p_visual"],
+            "p_audio_base": ref["p_audio"],
+            "p_visual_base": ref["p_visual"],
+            "delta_audio": now["p_audio"] - ref["p_audio"],
+            "delta_visual": now["p_visual"] - ref["p_visual"],
+            "dp_audio": relative(now["p_audio"], ref["p_audio"]),
+            "dp_visual": relative(now["p_visual"], ref["p_visual"]),
+            "dp_expected": relative(now["p_expected"], ref["p_expected"]),
+            "answer": now["answer"],
+            "answer_base": ref["answer"],
+            "correct": now["correct"],
+            "correct_base": ref["correct"],
+            "follows": now["follows"],
+            "follows_base": ref["follows"],
+        }
+
+
+def token_follows(answer: int, audio: int | None, visual: int | None) -> str:
+    """:data:`~avlens.analyses.common.FOLLOWS` for a one-token answer: "both" when it is the first token of both
+    labels (a congruent clip, whose two labels are one word, or labels sharing their first token)."""
+    a, v = answer == audio, answer == visual
+    return "both" if a and v else "audio" if a else "visual" if v else "neither"
+
+
+def relative(p: float, p_base: float) -> float:
+    """P3's dp = (p - p_base) / p_base (NaN when the baseline probability is 0 or undefined)."""
+    return (p - p_base) / p_base if p_base > 0 else float("nan")

@@ -18,13 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 
 from ..models.base import Adapter
 from ..trace import Knockout, run_conditions
 from .base import Analysis, Finding, num, verdict
-from .common import Item, batches, first_token
+from .common import Item, LabelTokens, Readout, batches
 from .plotting import layer_axis, legend_outside
 from .tables import object_frame
 
@@ -105,15 +104,15 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
         engine_query = ANSWER_GROUPS if query == ANSWER else query
         for s, e in spans:
             conditions[_condition(query, key, s)] = [Knockout(engine_query, key, range(s, e))]
-    token = _TokenCache(adapter)
+    token = LabelTokens(adapter)
     rows: list[dict] = []
     errors: list[dict] = []
     for chunk, inputs in batches(adapter, items, config.batch_size, errors):
         traces = run_conditions(adapter, inputs, conditions)
-        base = _Readout(traces[BASELINE].logits, chunk, token)
+        base = Readout(traces[BASELINE].logits, chunk, token)
         for query, key in config.edges:
             for s, e in spans:
-                now = _Readout(traces[_condition(query, key, s)].logits, chunk, token)
+                now = Readout(traces[_condition(query, key, s)].logits, chunk, token)
                 for b, it in enumerate(chunk):
                     rows.append(
                         it.record(
@@ -126,79 +125,6 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
                         )
                     )
     return {"knockout": rows, "errors": errors}
-
-
-class _TokenCache:
-    """First-token ids of label words (None for no label), looked up once per word."""
-
-    def __init__(self, adapter: Adapter) -> None:
-        self.adapter = adapter
-        self.ids: dict[str, int] = {}
-
-    def __call__(self, word: str | None) -> int | None:
-        if word is None:
-            return None
-        if word not in self.ids:
-            self.ids[word] = first_token(self.adapter, word)
-        return self.ids[word]
-
-
-class _Readout:
-    """What one condition says about each row: label probabilities and the argmax answer.
-
-    Args:
-        logits: (B, V) at the last prompt position.
-    """
-
-    def __init__(self, logits: torch.Tensor, chunk: list[Item], token: _TokenCache) -> None:
-        probs = torch.softmax(logits.float(), -1)
-        top = logits.argmax(-1)
-        self.values = []
-        for b, it in enumerate(chunk):
-            a, v, x = token(it.audio_label), token(it.visual_label), token(it.expected)
-            answer = int(top[b])
-            self.values.append(
-                {
-                    "p_audio": float(probs[b, a]) if a is not None else float("nan"),
-                    "p_visual": float(probs[b, v]) if v is not None else float("nan"),
-                    "p_expected": float(probs[b, x]) if x is not None else float("nan"),
-                    "answer": token.adapter.decode([answer]),
-                    "correct": None if x is None else answer == x,
-                    "follows": _follows(answer, a, v),
-                }
-            )
-
-    def row(self, b: int, base: _Readout) -> dict:
-        now, ref = self.values[b], base.values[b]
-        return {
-            "p_audio": now["p_audio"],
-            "p_visual": now["p_visual"],
-            "p_audio_base": ref["p_audio"],
-            "p_visual_base": ref["p_visual"],
-            "delta_audio": now["p_audio"] - ref["p_audio"],
-            "delta_visual": now["p_visual"] - ref["p_visual"],
-            "dp_audio": _relative(now["p_audio"], ref["p_audio"]),
-            "dp_visual": _relative(now["p_visual"], ref["p_visual"]),
-            "dp_expected": _relative(now["p_expected"], ref["p_expected"]),
-            "answer": now["answer"],
-            "answer_base": ref["answer"],
-            "correct": now["correct"],
-            "correct_base": ref["correct"],
-            "follows": now["follows"],
-            "follows_base": ref["follows"],
-        }
-
-
-def _follows(answer: int, audio: int | None, visual: int | None) -> str:
-    """:data:`~avlens.analyses.common.FOLLOWS` for a one-token answer: "both" when it is the first token of both
-    labels (a congruent clip, whose two labels are one word, or labels sharing their first token)."""
-    a, v = answer == audio, answer == visual
-    return "both" if a and v else "audio" if a else "visual" if v else "neither"
-
-
-def _relative(p: float, p_base: float) -> float:
-    """P3's dp = (p - p_base) / p_base (NaN when the baseline probability is 0 or undefined)."""
-    return (p - p_base) / p_base if p_base > 0 else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------
