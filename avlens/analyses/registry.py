@@ -22,6 +22,8 @@ BUILTIN = (
     "sinks",
     "causal_trace",
     "mitigate",
+    "flow",
+    "route",
 )
 """The built-in analyses, in report order: each is the module ``avlens.analyses.<name>``, whose ``SPEC`` is its
 :class:`~avlens.analyses.base.Analysis`."""
