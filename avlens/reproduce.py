@@ -1,4 +1,4 @@
-"""Running analyses into a run directory, and ``reproduce``: P1 and P2 on the organism, with its HTML report.
+"""Running analyses into a run directory, and ``reproduce``: P1, P2 and P3 on the organism, with its HTML report.
 
 One orchestration, :func:`execute`, serves ``reproduce`` and ``avlens run``: it opens the run directory, runs
 each analysis of the registry (:mod:`avlens.analyses`) on every model, unit by unit, and writes summary.json
@@ -28,7 +28,7 @@ Progress = Callable[[str, int, int], None]
 
 ORGANISM_MODELS = {"vision-heavy": "organism:av-vision-heavy", "balanced": "organism:av-balanced"}
 ORGANISM_BASE = "organism:vl-base"
-PAPERS = ("P1", "P2")
+PAPERS = ("P1", "P2", "P3")
 """The studies ``reproduce`` runs by default (every registry analysis of each)."""
 
 
@@ -239,7 +239,7 @@ def reproduce(
         base: the vision-language base for analyses that need one (token_shift; None: those are skipped).
         data: a counterfactual manifest (``avlens data counterfactual``); default: built from a held-out world
             of the organism (``n_clips`` clips, ``seed``) under ``out/data``.
-        analyses: names in the registry (default: every analysis of P1 and P2), each with its spec's default config.
+        analyses: names in the registry (default: every analysis of P1, P2 and P3), each with its spec's default config.
     """
     from . import load
 

@@ -176,7 +176,7 @@ def test_browser_shows_the_figures(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """P1's and P2's analyses on a tiny model and 8 organism clips: the run directory, and model -> tables."""
+    """P1's, P2's and P3's analyses on a tiny model and 8 organism clips: the run directory, and model -> tables."""
     from test_reproduce import WORDS
 
     from avlens.data import counterfactual
@@ -203,7 +203,8 @@ def _tables_of(out, name: str) -> dict[str, pd.DataFrame]:
 
 P1 = ("counterfactual", "probe", "logit_lens", "knockout", "token_shift", "attention_share")
 P2 = ("sinks", "causal_trace", "mitigate")
-ANALYSES = P1 + P2
+P3 = ("flow", "route")
+ANALYSES = P1 + P2 + P3
 
 
 @pytest.mark.parametrize("name", ANALYSES)

@@ -280,27 +280,28 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
 # Report
 # ---------------------------------------------------------------------------------------------------------
 def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
-    """Per model, question kind and clip condition: each edge's strongest window, dp on items answered correctly
-    with its interval and n."""
+    """Per model, question kind and clip condition: each edge's strongest window, for the right answer on items
+    answered correctly (P3's dp) and for the model's own answer on every item, each with its n."""
     rows: dict = {}
     for model, s in summaries.items():
-        for kind, by_cond in s.edges.items():
+        for kind, by_cond in s.answer_edges.items():
             for cond, by_edge in by_cond.items():
-                for edge, r in by_edge.items():
+                for edge, own in by_edge.items():
+                    r = _peak(s, kind, edge, cond)
                     rows[(model, kind, cond, edge)] = {
-                        "dp": r["dp"],
-                        "95% CI": None if r["low"] is None else f"{r['low']:.3f} to {r['high']:.3f}",
-                        "window start": r["start"],
-                        "n": r["n"],
-                        "dp of own answer (all items)": s.answer_edges.get(kind, {})
-                        .get(cond, {})
-                        .get(edge, {})
-                        .get("dp"),
+                        "dp": r.get("dp"),
+                        "95% CI": None if r.get("low") is None else f"{r['low']:.3f} to {r['high']:.3f}",
+                        "window start": r.get("start"),
+                        "n (correct items)": r.get("n", 0),
+                        "dp of own answer": own.get("dp"),
+                        "its window start": own.get("start"),
+                        "n (all items)": own.get("n", 0),
                     }
     out = object_frame(rows)
     out.attrs["caption"] = (
-        "Information flow: for each edge (source -> target), the window of layers whose knockout lowers the right "
-        "answer most, dp = (p_knockout - p_base) / p_base on items answered correctly (P3's metric)"
+        "Information flow: for each edge (source -> target), the window of layers whose knockout lowers the answer "
+        "most: dp = (p_knockout - p_base) / p_base of the right answer on items answered correctly (P3's metric), "
+        "and of the model's own answer on every item"
     )
     return [out]
 
@@ -323,24 +324,33 @@ def _bands(n_layers: int) -> list[tuple[str, int, int]]:
 
 
 def plot(tables_by_model: dict[str, dict[str, pd.DataFrame]]) -> Figure:
-    """Top: a layer x edge map of mean dp (items answered correctly) per model, question kind and clip condition.
-    Bottom: the flow on factual clips drawn as a graph per layer band (early / middle / late window starts), the
-    groups as nodes and each plain edge's width its mean |dp| there."""
+    """Top: a layer x edge map of mean dp per model, question kind and clip condition: of the right answer on
+    items answered correctly (P3's metric), or, where no item was, of the model's own answer on every item (the
+    panel's title says which). Bottom: the flow on factual clips drawn as a graph per layer band (early / middle /
+    late window starts), the groups as nodes and each plain edge's width its mean |dp| there."""
     maps, graphs = [], []
     for model, t in tables_by_model.items():
         flow = t.get("flow", pd.DataFrame())
         prof = profile(flow) if not flow.empty else pd.Series(dtype=float)
-        keys = sorted({k[:2] for k in prof.index}) if len(prof) else []
-        maps += [(model, kind, cond, prof.loc[(kind, cond)]) for kind, cond in keys] or [(model, None, None, None)]
+        own = profile(flow, "dp_answer", correct_only=False) if not flow.empty else pd.Series(dtype=float)
+        keys = sorted({k[:2] for k in own.index}) if len(own) else []
+        for kind, cond in keys:
+            right = prof.loc[(kind, cond)] if (kind, cond) in {k[:2] for k in prof.index} else None
+            if right is not None and right.notna().any():
+                maps.append((model, f"{kind}, {cond}: right answer, correct items", right))
+            else:
+                maps.append((model, f"{kind}, {cond}: own answer, all items", own.loc[(kind, cond)]))
+        if not keys:
+            maps.append((model, None, None))
         graphs.append((model, prof, int(flow.window_end.max()) if not flow.empty else 0))
     cols = max(len(maps), 3)
     fig = Figure(figsize=(4.2 * cols, 3.6 + 2.8 * len(graphs)), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[3.6, 2.8 * len(graphs)])
     axes = top.subplots(1, len(maps), squeeze=False)[0]
     image = None
-    for ax, (model, kind, cond, p) in zip(axes, maps, strict=True):
+    for ax, (model, what, p) in zip(axes, maps, strict=True):
         if p is None or p.empty:
-            ax.set_title(f"{model}: no item answered correctly")
+            ax.set_title(f"{model}: no flow records")
             ax.set_axis_off()
             continue
         grid = p.unstack("window_start")
@@ -348,9 +358,11 @@ def plot(tables_by_model: dict[str, dict[str, pd.DataFrame]]) -> Figure:
         ax.set_yticks(range(len(grid.index)), grid.index, fontsize=7)
         ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns])
         ax.set_xlabel("window start (layer)")
-        ax.set_title(f"{model}: {kind}, {cond}", fontsize=9)
+        ax.set_ylabel("edge (source -> target)")
+        ax.set_title(f"{model}: {what}", fontsize=8)
     if image is not None:
-        top.colorbar(image, ax=list(axes), label="mean dp (correct items)", shrink=0.8)
+        bar = top.colorbar(image, ax=list(axes), label="mean dp (see each panel's title)", shrink=0.8)
+        bar.ax.set_xlabel("dp")
     rows = bottom.subplots(len(graphs), 3, squeeze=False)
     for r, (model, prof, n_layers) in enumerate(graphs):
         bands = _bands(n_layers) if n_layers else []

@@ -4,7 +4,7 @@ opened by an overview of every finding and closed by the run's provenance.
 Everything about an analysis (title, headline figure, findings, figure, tables) comes from its registry spec
 (:mod:`avlens.analyses.registry`); summaries are the analyses' typed results, read by attribute.
 
-A report of ``reproduce`` (several analyses of P1 and P2, usually two models side by side) is titled after the paper
+A report of ``reproduce`` (several analyses of P1, P2 and P3, usually two models side by side) is titled after the paper
 and compares the models; a report of ``avlens run`` (one analysis, one model) is titled after the analysis.
 """
 
@@ -24,7 +24,7 @@ from ..analyses.base import flat, jsonable
 from ..analyses.tables import object_frame
 from .html import Report
 
-PAPERS = {"P1": "P1, arXiv 2604.02605", "P2": "P2, arXiv 2605.10815"}
+PAPERS = {"P1": "P1, arXiv 2604.02605", "P2": "P2, arXiv 2605.10815", "P3": "P3, arXiv 2606.10147"}
 ORGANISM = ("vision-heavy", "balanced")
 
 
@@ -57,7 +57,8 @@ def build_report(
         title = f"{spec.title} — avlens run {spec.name}"
     else:
         papers = sorted({s.paper for s in specs.values()})
-        title = f"Do audio-visual LLMs really see and hear? — {' and '.join(papers)} reproduced with avlens"
+        listed = papers[0] if len(papers) == 1 else f"{', '.join(papers[:-1])} and {papers[-1]}"
+        title = f"Do audio-visual LLMs really see and hear? — {listed} reproduced with avlens"
     alone = len(models) == 1 and next(iter(models)) == "model"  # avlens run: the label says nothing
     subtitle = f"Model{'s' if len(models) > 1 else ''}: " + ", ".join(
         str(v) if alone or k == v else f"{k} ({v})" for k, v in models.items()
