@@ -222,3 +222,17 @@ def test_flow_and_route_on_the_vision_heavy_organism(organism_manifest):
     for name, t in (("flow.flow", tabs["flow"]), ("route.route", rtabs["route"])):
         missing = set(t.columns) - docs[name] - docs["common"] - {"model"}
         assert not missing, f"{name}: columns {sorted(missing)} are not documented"
+
+
+def test_a_negligible_drop_is_not_called_an_effect():
+    """Cross-modal mixing: a knockout that lowers the answer by 0.2% (however sure) is no effect; one that lowers
+    it by 30% in an early window is."""
+
+    def summary(dp: float) -> flow.Summary:
+        r = {"dp": dp, "low": dp - 0.001, "high": dp + 0.0005, "start": 0, "n": 40}
+        return flow.Summary(edges={"hear": {"factual": {"video->audio": r, "audio->video": r}}}, n_layers=6)
+
+    mixing = {f.claim: f for f in flow.findings({"m": summary(-0.002)})}
+    assert mixing["Cross-modal mixing happens in early-to-middle layers"].verdict == "disagrees"
+    mixing = {f.claim: f for f in flow.findings({"m": summary(-0.3)})}
+    assert mixing["Cross-modal mixing happens in early-to-middle layers"].verdict == "agrees"

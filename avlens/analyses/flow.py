@@ -410,9 +410,15 @@ def _peak(s: Summary, kind: str, edge: str, cond: str = "factual", own: bool = F
     return (s.answer_edges if own else s.edges).get(kind, {}).get(cond, {}).get(edge, {})
 
 
+MEANINGFUL_DP = 0.05
+"""The least drop of the right answer's probability (dp <= -0.05: 5% of it) called an effect; fixed beforehand,
+not fitted to any model."""
+
+
 def _lowers(r: dict) -> bool:
-    """The edge's knockout lowers the right answer: its strongest window's interval lies below 0."""
-    return r.get("high") is not None and r["high"] < 0
+    """The edge's knockout lowers the right answer: in its strongest window by at least :data:`MEANINGFUL_DP`,
+    with the 95% interval below 0."""
+    return r.get("high") is not None and r["high"] < 0 and r["dp"] <= -MEANINGFUL_DP
 
 
 def findings(summaries: dict[str, Summary]) -> list[Finding]:
@@ -445,8 +451,8 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
         "; ".join(parts) or "not measured",
         verdict(calls),
         "Per question kind, factual clips, items answered correctly. Agrees when blocking question->last lowers the "
-        "answer (95% interval below 0) and a modality->question edge does so in a window starting no later; partly "
-        "when one of the two holds. dp is shown as mean [interval] @ the window's first layer.",
+        "answer (dp <= -0.05, 95% interval below 0) and a modality->question edge does so in a window starting no "
+        "later; partly when one of the two holds. dp is shown as mean [interval] @ the window's first layer.",
     )
     parts, calls = [], []
     for m, s in summaries.items():
@@ -467,8 +473,8 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
         "P3: audio <-> video knockouts matter in early-to-middle layers",
         "; ".join(parts) or "not measured",
         verdict(calls),
-        "Agrees when every cross-modal edge whose knockout lowers the answer (interval below 0) does so most in a "
-        "window starting in the first two thirds of the layers; disagrees when none lowers it.",
+        "Agrees when every cross-modal edge whose knockout lowers the answer (dp <= -0.05, interval below 0) does "
+        "so most in a window starting in the first two thirds of the layers; disagrees when none lowers it.",
     )
     return [order, mixing]
 
