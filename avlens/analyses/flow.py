@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import InputError
@@ -378,7 +379,7 @@ def plot(tables_by_model: dict[str, dict[str, pd.DataFrame]]) -> Figure:
     return fig
 
 
-def _graph(ax, prof: pd.Series, lo: int, hi: int) -> None:
+def _graph(ax: Axes, prof: pd.Series, lo: int, hi: int) -> None:
     """Nodes and arrows for the plain edges; width and label = mean |dp| over the band's windows and kinds."""
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)

@@ -21,6 +21,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..errors import InputError
+from ..layout import TokenLayout
 from ..models.base import Adapter
 from ..trace import Knockout, run_conditions
 from .base import Analysis, Finding, num, pct, verdict
@@ -72,7 +73,7 @@ class Config:
                 parse_edge(edge)
 
 
-def route_knockouts(edges: tuple[str, ...], layout, from_layer: int, n_layers: int) -> list[Knockout]:
+def route_knockouts(edges: tuple[str, ...], layout: TokenLayout, from_layer: int, n_layers: int) -> list[Knockout]:
     """The knockouts that cut every edge of a route in layers from_layer..n_layers - 1."""
     return [ko for edge in edges for ko in edge_knockouts(edge, layout, range(from_layer, n_layers))]
 
