@@ -34,7 +34,17 @@ package.__path__ = [sys.argv[1]]
 sys.modules["avlens"] = package
 from avlens.runs import RunDir
 
-out, n_units, pause = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+out, n_units, pause, stall = sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+if stall >= 0:  # hang inside unit `stall`'s write, after its shards are written and before its commit point
+    import os
+    rename, calls = os.rename, [0]
+    def stalling_rename(src, dst):
+        calls[0] += 1
+        if calls[0] > stall:
+            print("in-write", flush=True)
+            time.sleep(600)
+        return rename(src, dst)
+    os.rename = stalling_rename
 run = RunDir.open(out, {"analysis": "kill-test", "units": n_units}, meta={"seed": 0})
 print("ready", flush=True)
 for i in range(n_units):
@@ -51,9 +61,9 @@ print("finished", flush=True)
 """
 
 
-def _spawn(script: Path, out: Path, n_units: int, pause: float) -> subprocess.Popen:
+def _spawn(script: Path, out: Path, n_units: int, pause: float, stall: int = -1) -> subprocess.Popen:
     package_dir = str(Path(avlens.__file__).parent)
-    cmd = [sys.executable, str(script), package_dir, str(out), str(n_units), str(pause)]
+    cmd = [sys.executable, str(script), package_dir, str(out), str(n_units), str(pause), str(stall)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -76,19 +86,25 @@ def test_killed_run_resumes_to_the_records_of_an_uninterrupted_run(tmp_path):
     _finish(_spawn(script, reference, n_units, 0.0))
 
     out = tmp_path / "killed"
+    # First a kill that lands inside a unit's write for sure: the worker hangs before the commit point of
+    # its 31st write (shards written, fsynced, not yet renamed) and says so; it is killed right there.
+    proc = _spawn(script, out, n_units, pause, stall=30)
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    assert proc.stdout.readline().strip() == "in-write", proc.stderr.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any((out / "units").glob(".tmp-*")), "the kill inside a write left no temporary directory"
+    progress = [len(RunDir.load(out).units())]
+    assert progress == [30]
+    # Then kills at random moments, which land wherever they land (between writes or inside one).
     rng = random.Random(1234)
-    progress, mid_write = [], 0
-    # Kill at random moments until at least one kill has landed inside a unit's write (it leaves a .tmp-*
-    # directory), which happens about every other kill since a write with its fsyncs takes milliseconds.
-    while len(progress) < 4 or (mid_write == 0 and len(progress) < 12):
+    for _ in range(4):
         proc = _spawn(script, out, n_units, pause)
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
         time.sleep(rng.uniform(0.0, 0.15))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         progress.append(len(RunDir.load(out).units()))
-        mid_write += any((out / "units").glob(".tmp-*"))
-    assert mid_write > 0, "no kill landed inside a unit's write"
     assert progress[-1] < n_units, f"the kills came too late to interrupt anything: {progress}"
     assert progress == sorted(progress), "a kill lost units that were already done"
     _finish(_spawn(script, out, n_units, 0.0))
