@@ -15,8 +15,17 @@ import pytest
 from avlens.models.qwen2_5_omni import Qwen2_5OmniAdapter
 from avlens.models.tokenizer import build_tokenizer
 from avlens.organism.checkpoints import __file__ as checkpoints_init
-from avlens.organism.data import DISTRACTORS, LETTERS, Bank, Example, ExampleSampler, Mixture, SkillMixture
-from avlens.organism.model import V2_WORDS, VOCABULARY, VOCABULARY_V2
+from avlens.organism.data import (
+    DISTRACTORS,
+    LETTERS,
+    LETTERS_V2,
+    Bank,
+    Example,
+    ExampleSampler,
+    Mixture,
+    SkillMixture,
+)
+from avlens.organism.model import QUESTION_WORDS, V2_WORDS, VOCABULARY, VOCABULARY_V2, VOCABULARY_V2_LETTERS
 from avlens.organism.world import CLASSES
 
 # Drawn with the code before the v2 skills existed (scripts of that commit, the bank below): 40 examples each of
@@ -216,3 +225,81 @@ def test_bad_ranges_are_refused():
         SkillMixture(text_which=0.4, text_choice=0.4, text_lookup=0.3)
     with pytest.raises(ValueError):
         SkillMixture(text_lookup=-0.1)
+
+
+V2_LETTERS_MIX = dict(text=True, text_which=0.2, text_choice=0.3, text_lookup=0.3, options=(2, 20), letters=LETTERS_V2)
+
+
+def _ordinary_tokens(tok, ex: Example, letters: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(the question's tokens outside option markers, the option markers' letters): a marker is a letter token
+    followed by "." and then an option word."""
+    tokens = tok.convert_ids_to_tokens(tok.encode(ex.question, add_special_tokens=False))
+    markers = {i for i, t in enumerate(tokens[:-2]) if t in letters and tokens[i + 1] == "." and tokens[i + 2] != "."}
+    return [t for i, t in enumerate(tokens) if i not in markers], [tokens[i] for i in sorted(markers)]
+
+
+def test_v2_letters_are_used_nowhere_else():
+    """No v2 option letter is a word of the default vocabulary, a class, a distractor or a question word."""
+    assert len(LETTERS_V2) == len(set(LETTERS_V2)) == 20
+    words = set(VOCABULARY) | set(QUESTION_WORDS) | set(CLASSES) | set(DISTRACTORS) | {"nothing", "yes", "no"}
+    assert not set(LETTERS_V2) & words
+    assert {"a", "i"} & set(LETTERS) <= words  # the defect the v2 letters remove: "a" and "i" are words too
+    assert VOCABULARY_V2_LETTERS[: len(VOCABULARY_V2)] == VOCABULARY_V2 and set(LETTERS_V2) <= set(
+        VOCABULARY_V2_LETTERS
+    )
+
+
+def test_v2_letters_appear_only_as_option_markers(bank):
+    """In every drawn example (every kind, 2-20 options), a v2 letter token occurs only as an option marker, the
+    markers run in order, the answer of a lettered kind is one of them, and no other answer is a letter."""
+    tok = build_tokenizer(VOCABULARY_V2_LETTERS, Qwen2_5OmniAdapter.tokens)
+    sampler = ExampleSampler(bank, SkillMixture(**V2_LETTERS_MIX), 11)
+    lettered = 0
+    for _ in range(1500):
+        ex = sampler.draw()
+        ordinary, markers = _ordinary_tokens(tok, ex, LETTERS_V2)
+        assert not set(ordinary) & set(LETTERS_V2), ex.question
+        assert tok.unk_token_id not in tok.encode(f"{ex.question} {ex.answer}", add_special_tokens=False), ex
+        answer_words = tok.convert_ids_to_tokens(tok.encode(ex.answer, add_special_tokens=False))
+        if ex.kind.startswith(("text-choice", "text-lookup")):
+            lettered += 1
+            assert markers == list(LETTERS_V2[: len(markers)]) and len(markers) >= 2
+            assert answer_words == [ex.answer] and ex.answer in markers
+        else:
+            assert not markers and not set(answer_words) & set(LETTERS_V2), ex
+    assert lettered > 700
+
+
+def test_default_letters_do_collide(bank):
+    """The check above has teeth: with the default letters, "a" shows up as an ordinary word of the options'
+    examples (the article of "the sound is a bell", "which is a rain?")."""
+    tok = build_tokenizer(VOCABULARY_V2, Qwen2_5OmniAdapter.tokens)
+    sampler = ExampleSampler(bank, SkillMixture(**{**V2_LETTERS_MIX, "letters": LETTERS}), 11)
+    drawn = [sampler.draw() for _ in range(300)]
+    lettered = [ex for ex in drawn if ex.kind.startswith(("text-choice", "text-lookup"))]
+    assert any("a" in _ordinary_tokens(tok, ex, LETTERS)[0] for ex in lettered)
+
+
+def test_letters_change_only_the_option_words(bank):
+    """The same seed draws the same examples with either letter set, letter for letter mapped."""
+    plain = ExampleSampler(bank, SkillMixture(**{**V2_LETTERS_MIX, "letters": LETTERS}), 12)
+    v2 = ExampleSampler(bank, SkillMixture(**V2_LETTERS_MIX), 12)
+    for _ in range(300):
+        a, b = plain.draw(), v2.draw()
+        assert a.kind == b.kind
+        if a.kind.startswith(("text-choice", "text-lookup")):
+            n = len(re.findall(r"\b[a-t]\. ", a.question.split("?")[-1]))
+            mapped = a.question.split("?")[-1]
+            for i in reversed(range(n)):
+                mapped = mapped.replace(f" {LETTERS[i]}. ", f" {LETTERS_V2[i]}. ")
+            assert b.question.split("?")[-1] == mapped
+            assert LETTERS_V2[LETTERS.index(a.answer)] == b.answer
+        else:
+            assert (a.question, a.answer) == (b.question, b.answer)
+
+
+def test_bad_letters_are_refused():
+    with pytest.raises(ValueError):
+        SkillMixture(options=(2, 20), letters=LETTERS_V2[:10])
+    with pytest.raises(ValueError):
+        SkillMixture(letters=("b", "b", *LETTERS_V2[2:]))

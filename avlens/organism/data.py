@@ -27,7 +27,14 @@ from ..models.qwen2_5_omni import Qwen2_5OmniAdapter
 from .world import CLASSES, WorldConfig, unrelated, write_world
 
 LETTERS: tuple[str, ...] = tuple("abcdefghijklmnopqrst")
-"""Option letters of lettered multiple choice (up to 20 options, as in P2/P3-style benchmarks)."""
+"""Option letters of lettered multiple choice (up to 20 options, as in P2/P3-style benchmarks). The default, kept
+so that existing draws do not change; but "a" is also the article and "i" the pronoun of describe answers, so an
+option letter can appear as an ordinary word (see :data:`LETTERS_V2`)."""
+
+LETTERS_V2: tuple[str, ...] = tuple("bcdefghjklmnopqrstuv")
+"""Option letters that are tokens used nowhere else in the data: the letters b-v without "i" (``"a"`` is the
+article, ``"i"`` starts describe answers). Pass them as :attr:`SkillMixture.letters`; the vocabulary that holds
+them is :data:`avlens.organism.model.VOCABULARY_V2_LETTERS`."""
 
 DISTRACTORS: tuple[str, ...] = (
     "dog", "cat", "cow", "car", "train", "piano", "guitar", "violin", "wind", "phone", "door", "baby",
@@ -208,6 +215,8 @@ class SkillMixture(Mixture):
         options: (min, max) number of options of multiple-choice examples (2..20).
         curriculum: number of draws over which the upper bounds of ``which_clips`` and ``options`` grow linearly
             from their minimum to their maximum (0: the full ranges from the first draw).
+        letters: the option letters, in order (:data:`LETTERS` by default; :data:`LETTERS_V2` are letters used
+            nowhere else in the data). They change the words of the options only, not the draws.
     """
 
     text_which: float = 0.0
@@ -216,6 +225,7 @@ class SkillMixture(Mixture):
     which_clips: tuple[int, int] = (2, 3)
     options: tuple[int, int] = (4, 20)
     curriculum: int = 0
+    letters: tuple[str, ...] = LETTERS
 
     def __post_init__(self) -> None:
         lo, hi = self.which_clips
@@ -224,6 +234,8 @@ class SkillMixture(Mixture):
         lo, hi = self.options
         if not 2 <= lo <= hi <= len(LETTERS):
             raise ValueError(f"options must be within 2..{len(LETTERS)}, got {self.options}")
+        if len(set(self.letters)) != len(self.letters) or len(self.letters) < hi:
+            raise ValueError(f"letters must be distinct and at least {hi} (the most options), got {self.letters}")
         shares = (self.text_which, self.text_choice, self.text_lookup)
         if min(shares) < 0 or sum(shares) > 1:
             raise ValueError("text_which, text_choice and text_lookup must be shares summing to at most 1")
@@ -365,10 +377,11 @@ class ExampleSampler:
             distractors[self.rng.randrange(n - 1)] = wrong
         j = self.rng.randrange(n)
         options = [*distractors[:j], right, *distractors[j:]]
-        listed = " ".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(options))
+        letters = getattr(self.mix, "letters", LETTERS)
+        listed = " ".join(f"{letters[i]}. {w}" for i, w in enumerate(options))
         question = self._question(HEAR if hear else SEE)
         kind = f"text-choice-{'hear' if hear else 'see'}"
-        return Example(f"{' '.join(parts)} {question} {listed}", LETTERS[j], kind=kind)
+        return Example(f"{' '.join(parts)} {question} {listed}", letters[j], kind=kind)
 
     def text_lookup(self, n: int) -> Example:
         """Lettered option lookup with ``n`` options: "which is a rain? a. bell ... p. rain ..." -> "p".
@@ -382,8 +395,9 @@ class ExampleSampler:
         distractors = self.rng.sample([w for w in words if w != asked], n - 1)
         j = self.rng.randrange(n)
         options = [*distractors[:j], asked, *distractors[j:]]
-        listed = " ".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(options))
-        return Example(f"{self._question(LOOKUP, asked)} {listed}", LETTERS[j], kind="text-lookup")
+        letters = getattr(self.mix, "letters", LETTERS)
+        listed = " ".join(f"{letters[i]}. {w}" for i, w in enumerate(options))
+        return Example(f"{self._question(LOOKUP, asked)} {listed}", letters[j], kind="text-lookup")
 
     def _question(self, templates: Sequence[str], x: str | None = None) -> str:
         q = self.rng.choice(templates)

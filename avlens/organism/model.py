@@ -16,7 +16,7 @@ from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditio
 from ..models.qwen2_5_omni import Qwen2_5OmniAdapter
 from ..models.tiny import preprocessor_config
 from ..models.tokenizer import build_tokenizer
-from .data import DISTRACTORS, LETTERS
+from .data import DISTRACTORS, LETTERS, LETTERS_V2
 from .world import CLASSES
 
 
@@ -76,6 +76,12 @@ V2_WORDS: tuple[str, ...] = tuple(w for w in (*LETTERS, *DISTRACTORS) if w not i
 tokenizer sorts its words, so adding any would renumber the ids (and change the initial weights) of every
 organism trained from scratch."""
 VOCABULARY_V2 = (*VOCABULARY, *V2_WORDS)
+V2_LETTER_WORDS: tuple[str, ...] = tuple(w for w in LETTERS_V2 if w not in VOCABULARY_V2)
+"""The option letters of :data:`~avlens.organism.data.LETTERS_V2` that :data:`VOCABULARY_V2` lacks ("u", "v")."""
+VOCABULARY_V2_LETTERS = (*VOCABULARY_V2, *V2_LETTER_WORDS)
+"""The v2 vocabulary with :data:`~avlens.organism.data.LETTERS_V2`, option letters used nowhere else in the data.
+A vocabulary of its own (not :data:`VOCABULARY_V2` extended) so that runs made with ``VOCABULARY_V2`` (pilots
+p0-p4) keep their token ids and initial weights."""
 
 
 def new_organism(
