@@ -159,11 +159,17 @@ def train_stage(
     progress: Callable[[int, int, float], None] | None = None,
     batcher: Batcher | None = None,
     save_every: int = 50,
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Train one stage in place; returns its log (losses, seconds).
 
     If ``state_path`` holds the state of an interrupted run of this stage, training continues from it, and the
-    state is saved there every ``save_every`` steps.
+    state is saved there every ``save_every`` steps. A saved state whose ``"optim"`` is None (weights, step and
+    sampler state only) continues with a fresh optimizer.
+
+    ``stop``: asked after every step (after ``progress``); when it returns True, the state is saved (with a
+    ``state_path``) and training ends there, so the run can be resumed later exactly where it stopped. The log
+    then has ``"stopped"``: the steps done.
     """
     model = adapter.model
     torch.manual_seed(stage.seed)
@@ -196,7 +202,8 @@ def train_stage(
     if state_path is not None and state_path.exists():
         saved = torch.load(state_path, weights_only=False)
         model.load_state_dict(saved["model"])
-        optim.load_state_dict(saved["optim"])
+        if saved["optim"] is not None:
+            optim.load_state_dict(saved["optim"])
         if head is not None:
             head.load_state_dict(saved["head"])
         sampler.rng.setstate(saved["sampler"])
@@ -204,6 +211,7 @@ def train_stage(
         rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch"])
         start, log = saved["step"], saved["log"]
+        log.pop("stopped", None)  # (a stop of an earlier session)
     model.train()
     t0 = time.perf_counter() - log["seconds"]
     for step in range(start, stage.steps):
@@ -225,6 +233,12 @@ def train_stage(
             _save_state(state_path, model, optim, head, sampler, rng, step + 1, log)
         if progress is not None:
             progress(step + 1, stage.steps, loss)
+        if stop is not None and step + 1 < stage.steps and stop():
+            log["stopped"] = step + 1
+            if state_path is not None and (step + 1) % save_every != 0:
+                log["seconds"] = time.perf_counter() - t0
+                _save_state(state_path, model, optim, head, sampler, rng, step + 1, log)
+            break
     model.eval()
     model.requires_grad_(False)
     log["seconds"] = round(time.perf_counter() - t0, 1)
