@@ -8,7 +8,9 @@ process, the variants taking turns round by round:
   layers + 8 single-layer residual windows) = 54 runs, the papers' way (one eager forward of the model per
   restored run, clean values written by forward hooks on its own modules) / avlens (one ``run_conditions``);
   both include the clean run that records the states, and avlens leaves out, as ``causal_trace`` does, the
-  patched tokens before ``unchanged_prefix`` (the first chunk's video, before any audio: no-ops);
+  patches that write what the corrupted run already holds (``unchanged_inputs``): tokens before the first
+  position the two runs differ (the first chunk's video, before any audio), and at layer 0 every video token,
+  whose input embedding zeroing the audio leaves equal (so the 6 layer-0 residual windows run nothing);
 - guided_decoding_cost: seconds per generated token of ``generate_guided`` (two branches, P2's schedule as the
   weight's source is not timed: a fixed weight) / plain ``generate``;
 - steer_cost: the same for ``generate`` with a Steer toward a quarter of the video tokens in the upper half of the
@@ -43,7 +45,7 @@ from avlens.trace import (
     generate_guided,
     run,
     run_conditions,
-    unchanged_prefix,
+    unchanged_inputs,
 )
 
 TOKENS = 16
@@ -74,23 +76,29 @@ def main() -> None:
         masks[name] = m
 
     def avlens_trace() -> None:
-        # as causal_trace does: patched tokens the two runs share bit for bit are no-ops, left out
-        since = unchanged_prefix(adapter, clean_in, corrupt_in)
+        # as causal_trace does: patches writing what the corrupted run already holds are no-ops, left out (tokens
+        # before the first position the runs differ; at layer 0, tokens whose input embedding is equal)
+        first_layer, since = unchanged_inputs(adapter, clean_in, corrupt_in)
         differing = torch.arange(clean_in.length)[None] >= since[:, None]
         grouped = corrupt_in.layout
         for name, m in masks.items():
-            grouped = grouped.with_group(f"b_{name}", m & differing)
+            grouped = grouped.with_group(f"b_{name}", m & differing).with_group(f"b0_{name}", m & ~first_layer)
         corrupt_g = replace(corrupt_in, layout=grouped)
         clean = run(
             adapter,
             clean_in,
             capture=[Capture.residual(range(n)), Capture.residual(range(n), site="attn_in", name="attn_in")],
         )
+        attn_in, residual = clean.captures["attn_in"], clean.captures["residual"]
         conditions = {}
         for name in masks:
-            conditions[f"attn_in {name}"] = [Patch(f"b_{name}", range(n), clean.captures["attn_in"], site="attn_in")]
-            for i in range(n):
-                conditions[f"res{i} {name}"] = [Patch(f"b_{name}", [i], clean.captures["residual"])]
+            conditions[f"attn_in {name}"] = [
+                Patch(f"b0_{name}", [0], attn_in, site="attn_in"),
+                Patch(f"b_{name}", range(1, n), attn_in, site="attn_in"),
+            ]
+            conditions[f"res0 {name}"] = [Patch(f"b0_{name}", [0], residual)]
+            for i in range(1, n):
+                conditions[f"res{i} {name}"] = [Patch(f"b_{name}", [i], residual)]
         run_conditions(adapter, corrupt_g, conditions)
 
     model = adapter.model

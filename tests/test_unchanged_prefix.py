@@ -1,6 +1,7 @@
 """``unchanged_prefix``: where two batches first feed the decoder differently. Before it every layer's state is
 the same in both runs, bit for bit, so a causal trace may leave those positions out of a patch: the trimmed patch
-restores exactly what the whole one does."""
+restores exactly what the whole one does. ``unchanged_inputs`` also says which positions' first-layer inputs are
+equal: a layer-0 patch there writes what is already there."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from conftest import av_samples
 
 from avlens import Capture, Patch, run
-from avlens.trace import run_conditions, unchanged_prefix
+from avlens.trace import run_conditions, unchanged_inputs, unchanged_prefix
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,31 @@ def test_a_patch_trimmed_to_the_changed_positions_restores_what_the_whole_patch_
     out = run_conditions(omni, replace(zeroed, layout=layout), conditions)
     assert torch.allclose(out["whole"].logits, out["trimmed"].logits, atol=1e-5)
     assert not torch.allclose(out["whole"].logits, run(omni, zeroed).logits, atol=1e-3)  # the patch does act
+
+
+def test_zeroed_audio_changes_the_first_layers_input_at_the_audio_tokens_only(omni, pair):
+    clean, zeroed = pair
+    first_layer, prefix = unchanged_inputs(omni, clean, zeroed)
+    audio = clean.layout.groups["audio"] & clean.layout.valid
+    assert torch.equal(~first_layer & clean.layout.valid, audio)
+    assert torch.equal(prefix, unchanged_prefix(omni, clean, zeroed))
+    _, itself = unchanged_inputs(omni, clean, clean)
+    assert itself.tolist() == [clean.length] * clean.batch_size
+
+
+@pytest.mark.parametrize("site", ["residual", "attn_in"])
+def test_a_layer_0_patch_where_the_first_layers_input_is_unchanged_is_a_no_op(omni, pair, site):
+    clean, zeroed = pair
+    first_layer, _ = unchanged_inputs(omni, clean, zeroed)
+    video = clean.layout.groups["video"] & clean.layout.valid
+    audio = clean.layout.groups["audio"] & clean.layout.valid
+    name = "attn_in" if site == "attn_in" else "residual"
+    states = run(omni, clean, capture=[Capture.residual([0], site=site, name=name)]).captures[name]
+    layout = zeroed.layout.with_group("video", video).with_group("audio", audio)
+    inputs = replace(zeroed, layout=layout)
+    none = run(omni, inputs).logits
+    every_equal = run(omni, inputs, [Patch("video", [0], states, site=site)]).logits  # inputs equal there
+    changed = run(omni, inputs, [Patch("audio", [0], states, site=site)]).logits  # the changed positions
+    assert bool(first_layer[video].all())
+    assert torch.equal(every_equal, none)
+    assert not torch.allclose(changed, none, atol=1e-3)

@@ -49,7 +49,7 @@ from ..errors import InputError
 from ..layout import TokenLayout
 from ..media import VideoClip, load_audio, load_video
 from ..models.base import Adapter, Inputs, Sample
-from ..trace import Capture, Patch, run, run_conditions, unchanged_prefix
+from ..trace import Capture, Patch, run, run_conditions, unchanged_inputs
 from . import sinks
 from .base import Analysis, Finding, num, verdict
 from .common import Item, first_token
@@ -413,29 +413,36 @@ def _restore(adapter: Adapter, traced: list, config: Config, out: dict) -> None:
         precedes.append(bool(own.any()) and len(dominant_at) > 0 and int(own.nonzero().max()) < int(dominant_at.min()))
         sets_by_row.append(token_sets(own, valid, hits, received, score, modality, config, rng))
     names = list(sets_by_row[0])
-    # Patched tokens before the first position the two runs feed the decoder differently are no-ops (their clean
-    # and corrupted states are equal in every layer): left out, so the restored runs share the corrupted run's
-    # work up to that position. The sets, their sizes and the effects are unchanged.
-    unchanged = unchanged_prefix(adapter, clean_in, corrupt_in)
+    # Patches that write what the corrupted run already holds are no-ops, left out so the restored runs share
+    # its work: tokens before the first position the two runs feed the decoder differently (equal in every layer),
+    # and at layer 0 every token whose input embedding is equal (the non-dominant modality's own tokens, since only
+    # the dominant one's input was zeroed). The sets, their sizes and the effects are unchanged.
+    first_layer, unchanged = unchanged_inputs(adapter, clean_in, corrupt_in)
     differing = torch.arange(layout.length)[None] >= unchanged[:, None]
     grouped = corrupt_in.layout
     for name in names:
-        grouped = grouped.with_group(f"trace_{name}", torch.stack([s[name] for s in sets_by_row]) & differing)
+        tokens = torch.stack([s[name] for s in sets_by_row])
+        grouped = grouped.with_group(f"trace_{name}", tokens & differing)
+        grouped = grouped.with_group(f"trace0_{name}", tokens & ~first_layer)
     corrupt_in = replace(corrupt_in, layout=grouped)
+
+    def patch(name: str, layers: range, site: str) -> list[Patch]:
+        """The clean states of set ``name`` written at ``site`` of ``layers``, without the no-ops."""
+        values = clean.captures[site]
+        out = [Patch(f"trace0_{name}", [0], values, site=site)] if 0 in layers else []
+        if len(rest := [i for i in layers if i > 0]):
+            out.append(Patch(f"trace_{name}", rest, values, site=site))
+        return out
 
     conditions: dict[str, list] = {"corrupt": []}
     if "attn_in" in config.sites:
         for name in names:
-            conditions[f"attn_in|all|{name}"] = [
-                Patch(f"trace_{name}", range(n_layers), clean.captures["attn_in"], site="attn_in")
-            ]
+            conditions[f"attn_in|all|{name}"] = patch(name, range(n_layers), "attn_in")
     w = window_of(config, n_layers)
     if "residual" in config.sites:
         for start in range(n_layers - w + 1):
             for name in names:
-                conditions[f"residual|{start}|{name}"] = [
-                    Patch(f"trace_{name}", range(start, start + w), clean.captures["residual"])
-                ]
+                conditions[f"residual|{start}|{name}"] = patch(name, range(start, start + w), "residual")
     traces = run_conditions(adapter, corrupt_in, conditions)
     p_clean = _prob(clean.logits, correct)
     base = traces.pop("corrupt").logits

@@ -1,6 +1,16 @@
 """The intervention engine: forwards and generation with interventions given as data (see engine.py)."""
 
-from .engine import Schedule, Trace, generate, generate_guided, run, run_conditions, start_of, unchanged_prefix
+from .engine import (
+    Schedule,
+    Trace,
+    generate,
+    generate_guided,
+    run,
+    run_conditions,
+    start_of,
+    unchanged_inputs,
+    unchanged_prefix,
+)
 from .interventions import (
     Ablate,
     AttentionCapture,
@@ -34,5 +44,6 @@ __all__ = [
     "run",
     "run_conditions",
     "start_of",
+    "unchanged_inputs",
     "unchanged_prefix",
 ]

@@ -359,16 +359,17 @@ def start_of(interventions: Sequence[Intervention], layout: TokenLayout, n_layer
 
 
 @torch.no_grad()
-def unchanged_prefix(adapter: Adapter, a: Inputs, b: Inputs) -> torch.Tensor:
-    """How many leading positions of each sample the decoder receives identically in batches ``a`` and ``b``
-    (input embeddings, positions, padding and any per-layer additions equal bit for bit).
-
-    A causal decoder computes the same state at those positions in every layer of both runs, so patching one
-    run's states into the other there changes nothing: a causal trace may leave them out of its patched set
-    and save their recomputation (the engine's shared prefix then reaches the first position that differs).
+def unchanged_inputs(adapter: Adapter, a: Inputs, b: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where batches ``a`` and ``b`` feed the decoder identically, for a causal trace to leave out no-op patches.
 
     Returns:
-        (B,) long, in 0..L (L when the two batches are the same throughout).
+        first_layer: (B, L) bool, the positions whose input to the first layer (embedding, position ids,
+            padding) is equal bit for bit. Patching one run's residual or attention input at layer 0 into the
+            other there writes the value already there.
+        prefix: (B,) long in 0..L, how many leading positions are equal in every layer of both runs (their
+            first-layer inputs and any per-layer additions equal, and causality does the rest; L when the two
+            batches are the same throughout). Patching at any layer there changes nothing, and the engine's
+            shared prefix then reaches the first position that differs.
 
     Raises:
         ValueError: the batches differ in size or length.
@@ -376,17 +377,25 @@ def unchanged_prefix(adapter: Adapter, a: Inputs, b: Inputs) -> torch.Tensor:
     if (a.batch_size, a.length) != (b.batch_size, b.length):
         raise ValueError(f"batches of {a.batch_size}x{a.length} and {b.batch_size}x{b.length} tokens")
     ea, eb = adapter.embed(a), adapter.embed(b)
-    same = (
+    first = (
         (ea.embeds == eb.embeds).all(-1)
         & (ea.position_ids == eb.position_ids).all(0)
         & (ea.attention_mask == eb.attention_mask)
-    )
+    ).cpu()
+    every = first.clone()
     for layer in ea.additions.keys() | eb.additions.keys():
         if layer not in ea.additions or layer not in eb.additions:
-            return torch.zeros(a.batch_size, dtype=torch.long)
-        same &= (ea.additions[layer] == eb.additions[layer]).all(-1)
-    differs = ~same.cpu()
-    return torch.where(differs.any(1), differs.int().argmax(1), a.length)
+            every[:] = False
+            break
+        every &= (ea.additions[layer] == eb.additions[layer]).all(-1).cpu()
+    differs = ~every
+    return first, torch.where(differs.any(1), differs.int().argmax(1), a.length)
+
+
+def unchanged_prefix(adapter: Adapter, a: Inputs, b: Inputs) -> torch.Tensor:
+    """How many leading positions of each sample are equal in every layer of both runs: (B,) long in 0..L.
+    The second half of :func:`unchanged_inputs`."""
+    return unchanged_inputs(adapter, a, b)[1]
 
 
 @contextlib.contextmanager
