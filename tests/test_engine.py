@@ -327,6 +327,23 @@ def test_discard_equals_blocking_every_edge_to_the_group(omni, layer):
     assert (discarded.logits - run(omni, inputs).logits).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("layer", [0, 2])
+def test_discard_shortens_the_kv_cache_by_the_groups_size_from_its_layer_on(omni, layer):
+    inputs = omni.prepare(samples_for(omni, 3, 2))
+    n, valid = omni.n_layers, inputs.layout.valid
+    size = (inputs.layout.groups["video"] & valid).sum(1)  # (B,)
+    base, dropped = run(omni, inputs), run(omni, inputs, [Discard("video", layer)])
+    assert torch.equal(base.cache_entries, valid.sum(1)[:, None].expand(-1, n))  # every valid position, each layer
+    shortened = (torch.arange(n) >= layer)[None] * size[:, None]  # (B, n_layers)
+    assert torch.equal(base.cache_entries - dropped.cache_entries, shortened)
+    # and while decoding: the generated positions join both caches alike
+    steps = 3
+    gen_base = generate(omni, inputs, max_new_tokens=steps)
+    gen_dropped = generate(omni, inputs, [Discard("video", layer)], max_new_tokens=steps)
+    assert torch.equal(gen_base.cache_entries, base.cache_entries + steps - 1)
+    assert torch.equal(gen_base.cache_entries - gen_dropped.cache_entries, shortened)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_knockout_acts_only_where_it_should(models, family):
     adapter, inputs = _batch(models, family)

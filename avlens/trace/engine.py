@@ -68,6 +68,9 @@ class Trace:
         text: decoded answers (generation only).
         step_logits: (B, T, V) logits that produced each generated token (generation only; NaN after a row
             stopped).
+        cache_entries: (B, n_layers) long, the key/value entries of valid positions each row's attention holds
+            per layer when the run ends (prompt and generated positions; a discarded group's are gone from its
+            layer on). None for conditions run on part of the layers (``run_conditions``).
     """
 
     logits: torch.Tensor
@@ -76,6 +79,7 @@ class Trace:
     tokens: torch.Tensor | None = None
     text: list[str] | None = None
     step_logits: torch.Tensor | None = None
+    cache_entries: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -943,7 +947,11 @@ class _Forward:
         records = _Records(self, rows)
         caps = {cap.name: cap.result(records, lay) for cap in self.capture}
         logits = self.logits[rows] if self.logits_at == "all" else self.last_logits[rows]
-        return Trace(logits=logits, captures=caps, layout=lay)
+        entries = None
+        if all(i in self.k_pos for i in range(self.n)):
+            held = [_gather(self.valid, self.k_pos[i]).sum(1) for i in range(self.n)]  # (R,) per layer
+            entries = torch.stack(held, 1)[rows].cpu()
+        return Trace(logits=logits, captures=caps, layout=lay, cache_entries=entries)
 
 
 @dataclass(frozen=True)
