@@ -8,9 +8,12 @@ import pytest
 import torch
 from conftest import FAMILIES
 
+import avlens
 from avlens import generate
+from avlens.analyses.common import items_from_manifest
 from avlens.models import Sample
 from avlens.models.tiny import tiny_model
+from avlens.reproduce import _organism_data
 
 N_NEW = 6
 # (video frames, audio seconds, prompt): the rows' prompt lengths differ by a factor of about four.
@@ -137,3 +140,23 @@ def test_rows_that_finish_early_equal_transformers_and_have_nan_step_logits(fami
     for r, end in enumerate(ends):
         expected = adapter.decode([i for i in ids[r, :end].tolist() if i not in eos])
         assert ours.text[r] == expected, r
+
+
+def test_min_new_tokens_equals_transformers_on_a_model_that_stops_early(tmp_path):
+    """The organism ends its answer after a word or two; with ``min_new_tokens`` both transformers' generate
+    and the engine keep it from choosing an end-of-turn token before then, token for token."""
+    adapter = avlens.load("organism:av-vision-heavy")
+    manifest = _organism_data(tmp_path, 4, 0, None)
+    items = items_from_manifest(manifest, {"hear": "What do you hear?"}, conditions=("factual",))[:3]
+    inputs = adapter.prepare([it.sample for it in items], interleave=True)
+    free = generate(adapter, inputs, max_new_tokens=12)
+    assert free.tokens.shape[1] < 8  # it stops early on its own
+    n = 10
+    ours = generate(adapter, inputs, max_new_tokens=n, min_new_tokens=n)
+    with torch.no_grad():
+        ref = adapter.model.generate(
+            **adapter.model_inputs(inputs), max_new_tokens=n, min_new_tokens=n, do_sample=False
+        )
+    assert ours.tokens.shape == (3, n)
+    assert ours.tokens.tolist() == ref[:, inputs.length :].tolist()
+    assert not set(ours.tokens.flatten().tolist()) & set(adapter.eos_ids)

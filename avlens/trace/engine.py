@@ -219,6 +219,7 @@ def generate(
     interventions: Sequence[Intervention] = (),
     *,
     max_new_tokens: int = 32,
+    min_new_tokens: int = 0,
     capture: Sequence[AnyCapture] = (),
     attn: str = "sdpa",
 ) -> Trace:
@@ -226,7 +227,9 @@ def generate(
 
     The new tokens form the ``generated`` group of the layout; a knockout or steer whose query group includes
     it acts on them. Rows stop at the model's end-of-turn tokens; a stopped row's tokens are -1 and its step
-    logits NaN from then on.
+    logits NaN from then on. As in transformers, ``min_new_tokens`` keeps the end-of-turn tokens from being
+    chosen before that many tokens (a fixed amount of decoding, e.g. to time it); their step logits are the
+    model's own.
     """
     _refuse_received(capture, "generate() would count decoding queries of stopped rows")
     with _avlens_attention(adapter):
@@ -235,7 +238,9 @@ def generate(
         b = inputs.batch_size
         fwd = _Forward(adapter, emb, layout, torch.arange(b), [list(interventions)] * b, capture, attn, "last")
         fwd.prefill(0, 0, None)
-        tokens, step_logits = _greedy(adapter, fwd.last_logits, lambda t, nxt: fwd.step(nxt), max_new_tokens)
+        tokens, step_logits = _greedy(
+            adapter, fwd.last_logits, lambda t, nxt: fwd.step(nxt), max_new_tokens, min_new_tokens
+        )
         trace = fwd.trace(slice(None))
     return _generated(adapter, trace, tokens, step_logits)
 
@@ -319,10 +324,15 @@ def generate_guided(
 
 
 def _greedy(
-    adapter: Adapter, logits: torch.Tensor, step: Callable[[int, torch.Tensor], torch.Tensor], max_new_tokens: int
+    adapter: Adapter,
+    logits: torch.Tensor,
+    step: Callable[[int, torch.Tensor], torch.Tensor],
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The greedy loop: logits (B, V) of the first step, ``step(t, tokens (B,))`` -> the next step's logits.
-    Returns tokens (B, T) (-1 after a row stopped) and each step's logits (NaN after a row stopped)."""
+    """The greedy loop: logits (B, V) of the first step, ``step(t, tokens (B,))`` -> the next step's logits;
+    end-of-turn tokens are not chosen before ``min_new_tokens``. Returns tokens (B, T) (-1 after a row stopped)
+    and each step's logits (NaN after a row stopped)."""
     b = logits.shape[0]
     eos = torch.tensor(adapter.eos_ids, device=logits.device)
     tokens = torch.full((b, max_new_tokens), -1, dtype=torch.long)
@@ -330,7 +340,7 @@ def _greedy(
     done = torch.zeros(b, dtype=torch.bool, device=logits.device)
     for t in range(max_new_tokens):
         step_logits.append(torch.where(done[:, None], float("nan"), logits))
-        nxt = logits.argmax(-1)
+        nxt = logits.index_fill(-1, eos, float("-inf")).argmax(-1) if t < min_new_tokens else logits.argmax(-1)
         tokens[:, t] = torch.where(done, -1, nxt).cpu()
         done |= torch.isin(nxt, eos)
         if done.all() or t == max_new_tokens - 1:
