@@ -15,12 +15,22 @@ are left out of the summaries.
 
 Every (edge, window) condition of a batch is one entry of a single :func:`~avlens.trace.run_conditions` call. The
 answer is read at the last prompt position (the first answer token).
+
+Several clips (P3's parallel paths). A multi-clip manifest (a ``clips`` column: ``avlens data multiclip``) is read
+into one item per row (:func:`items_from_multiclip`; condition ``multiclip``, question ``which``) whose right answer
+is the target clip's number, read as the first answer token. Its batches get the groups of
+:func:`multiclip_layout` (``candidate``, ``target``, ``distractor``, ``reference``, ``option``) and the edges of
+``Config.multiclip_edges``, which test P3's two paths, candidates + question -> reference -> last and candidates
+-> option markers -> last, beside each clip's own map (``clip*`` stands for every clip: ``clip0->last``...).
 """
 
 from __future__ import annotations
 
+import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,9 +42,9 @@ from ..errors import InputError
 from ..layout import TokenLayout
 from ..models.base import Adapter
 from ..trace import Knockout, run_conditions
-from .base import Analysis, Finding, num, verdict
+from .base import Analysis, Finding, num, pct, verdict
 from .causal_trace import mean_ci
-from .common import Item, LabelTokens, Readout, batches, relative
+from .common import Item, LabelTokens, Readout, batches, items_from_manifest, relative
 from .knockout import windows
 from .tables import object_frame
 
@@ -62,6 +72,38 @@ EDGES: tuple[str, ...] = (
 system text and its other tokens (``other``: the chat template's and the media spans' markers) to the last
 position, the modalities to those, and cross-modal (within and across chunks) and cross-frame mixing."""
 
+MULTICLIP = "multiclip"
+"""The condition of multi-clip items."""
+WHICH = "which"
+"""The question kind of multi-clip items (which clip has the sound of X?)."""
+EACH_CLIP = "clip*"
+"""In a multi-clip edge, every clip of the prompt in turn: ``clip*->last`` is ``clip0->last``, ``clip1->last``..."""
+
+MULTICLIP_EDGES: tuple[str, ...] = (
+    "candidate->reference",
+    "target->reference",
+    "distractor->reference",
+    "candidate->option",
+    "target->option",
+    "reference->last",
+    "option->last",
+    "question->last",
+    "target->last",
+    "distractor->last",
+    "clip*->question",
+    "clip*->last",
+)
+"""The edges of multi-clip items: P3's two paths hop by hop (the clips to the reference and to the option
+markers, those to the last position), the question, the target and the other clips to the last position, and
+each clip's own map (its span -> question, -> last). Groups: :func:`multiclip_layout`."""
+
+PATHS: dict[str, tuple[str, str]] = {
+    "reference": ("candidate->reference", "reference->last"),
+    "option": ("candidate->option", "option->last"),
+}
+"""P3's two parallel paths with several clips, as their two hops: candidates (+ question) -> reference -> last,
+and candidates -> option markers -> last."""
+
 NAMED = ("system", "question", "audio", "video", "image", "last", "generated")
 """The layout's groups; ``other`` is every valid position in none of them."""
 
@@ -75,7 +117,12 @@ class Config:
         conditions: clip conditions to keep from the manifest.
         window: k, the layers blocked at once, in windows [s, s + k) for s in 0..n_layers - k; None: a quarter of
             the model's depth (at least 1).
-        edges: ``source->target[@same|@earlier]`` (see the module docstring).
+        edges: ``source->target[@same|@earlier]`` (see the module docstring), for single-clip items.
+        multiclip_edges: the edges for multi-clip items (:data:`MULTICLIP_EDGES`; ``clip*`` is every clip).
+        multiclip_prompts: besides the manifest's own items, this many prompts of ``multiclip_clips`` clips built
+            with :func:`avlens.data.builders.multiclip` from its factual rows (each clip playing its video's own
+            track, as single clips do; seed ``multiclip_seed``); 0: none. A manifest with a ``clips`` column is
+            read as multi-clip items whatever this says.
         batch_size: items per forward.
     """
 
@@ -83,11 +130,26 @@ class Config:
     conditions: tuple[str, ...] = ("factual", "swapped")
     window: int | None = None
     edges: tuple[str, ...] = EDGES
+    multiclip_edges: tuple[str, ...] = MULTICLIP_EDGES
+    multiclip_prompts: int = 0
+    multiclip_clips: int = 2
+    multiclip_seed: int = 0
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        for edge in self.edges:
+        for edge in (*self.edges, *self.multiclip_edges):
             parse_edge(edge)
+
+    def items(self, manifest: str | Path | pd.DataFrame) -> list[Item]:
+        """The items of a manifest: a multi-clip one's rows (:func:`items_from_multiclip`), or the questions
+        about its clips of the conditions asked and, with ``multiclip_prompts``, that many multi-clip prompts
+        built from its factual rows."""
+        if _has_clips(manifest):
+            return items_from_multiclip(manifest)
+        items = items_from_manifest(manifest, self.questions, conditions=self.conditions)
+        if self.multiclip_prompts > 0:
+            items += multiclip_items_of(manifest, self.multiclip_prompts, self.multiclip_clips, self.multiclip_seed)
+        return items
 
 
 def window_of(config: Config, n_layers: int) -> int:
@@ -150,6 +212,185 @@ def blocked_pairs(knockouts: Sequence[Knockout], layout: TokenLayout) -> torch.T
     return total
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Several clips
+# ---------------------------------------------------------------------------------------------------------
+def _has_clips(manifest: str | Path | pd.DataFrame) -> bool:
+    """Whether a manifest is multi-clip (has a ``clips`` column)."""
+    from ..data.manifest import read_manifest
+
+    df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest, required=())
+    return "clips" in df.columns
+
+
+def target_index(answer: str, n_clips: int) -> int | None:
+    """The 0-based target clip of an answer: its number ("2" -> 1) or option letter ("B" -> 1); None when it
+    names no clip of ``n_clips``."""
+    a = str(answer).strip().strip("().").strip()
+    k = int(a) - 1 if a.isdigit() else ord(a.upper()) - ord("A") if len(a) == 1 and a.isalpha() else -1
+    return k if 0 <= k < n_clips else None
+
+
+def items_from_multiclip(manifest: str | Path | pd.DataFrame, *, limit: int | None = None) -> list[Item]:
+    """One item per row of a multi-clip manifest (:func:`avlens.data.builders.multiclip`'s columns: ``clips``,
+    ``question``, ``answer``, ``target_label``, optionally ``visual_labels``): condition ``multiclip``, question
+    ``which``, ``expected`` the answer (the target clip's number, scored as the first answer token). The sample's
+    ``meta`` holds ``target_label``, ``target_clip`` (0-based) and ``visual_labels``. Rows whose answer names
+    no clip carry the reason as the item's ``problem``.
+
+    Raises:
+        InputError: an unreadable manifest, or one without ``clips``, ``question`` or ``answer``.
+    """
+    from ..data.builders import samples_from_multiclip
+    from ..data.manifest import check_columns, read_manifest
+
+    need = ("clips", "question", "answer")
+    if isinstance(manifest, pd.DataFrame):
+        df = manifest
+        check_columns(df, need, path=df.attrs.get("path"))
+    else:
+        df = read_manifest(manifest, required=need)
+    out: list[Item] = []
+    for row in df.to_dict("records")[:limit]:
+        sample = samples_from_multiclip(row)
+        sample.id = f"{row['id']}/{WHICH}"
+        n = len(sample.clips or [])
+        target = target_index(row["answer"], n)
+        seen = list(row.get("visual_labels") or [None] * n)
+        sample.meta = {
+            **sample.meta,
+            "target_label": row.get("target_label"),
+            "target_clip": target,
+            "visual_labels": seen,
+        }
+        problem = None if target is not None else f"the answer {row['answer']!r} names none of the {n} clips"
+        out.append(Item(sample.id, sample, MULTICLIP, WHICH, None, None, str(row["answer"]).strip(), problem))
+    return out
+
+
+def multiclip_items_of(manifest: str | Path | pd.DataFrame, n_prompts: int, n_clips: int, seed: int) -> list[Item]:
+    """Items of ``n_prompts`` multi-clip prompts built by :func:`avlens.data.builders.multiclip` from a
+    manifest's factual rows (their ``audio`` column dropped, so that each clip plays its video's own track, as a
+    single clip does). The prompts are written to a temporary directory and read back; the items hold resolved
+    media paths."""
+    from ..data.builders import multiclip
+    from ..data.manifest import read_manifest
+
+    df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest, required=())
+    if "condition" in df.columns:
+        df = df[df.condition.isin(["factual", "congruent"]) | df.condition.isna()]
+    df = df.drop(columns=[c for c in ("audio", "image") if c in df.columns])
+    with tempfile.TemporaryDirectory() as tmp:
+        built = multiclip(df, tmp, n_clips=n_clips, n_prompts=n_prompts, seed=seed)
+        return items_from_multiclip(read_manifest(built.manifest))
+
+
+LETTERED = re.compile(r"\(\s*([A-Za-z])\s*\)")
+"""An option letter the question lists, "(A)" (spaces allowed inside, as word-level tokenizers decode it): the
+marker by which it names a choice."""
+
+
+def _char_spans(adapter: Adapter, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text of a run of token ids and each token's [start, end) in it (by decoding the run's growing
+    prefixes, so any tokenizer's spacing rules are kept)."""
+    spans, end = [], 0
+    text = ""
+    for i in range(len(ids)):
+        text = adapter.tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=False)
+        spans.append((end, len(text)))
+        end = len(text)
+    return text, spans
+
+
+def _tokens_over(spans: list[tuple[int, int]], text: str, lo: int, hi: int) -> list[int]:
+    """Indices of the tokens whose non-blank characters overlap text[lo:hi]."""
+    out = []
+    for i, (s, e) in enumerate(spans):
+        s2 = s + (len(text[s:e]) - len(text[s:e].lstrip()))
+        if s2 < hi and e > lo and text[s:e].strip():
+            out.append(i)
+    return out
+
+
+def clips_of(layout: TokenLayout) -> list[str]:
+    """The clip groups of a layout (``clip0``, ``clip1``...), in prompt order."""
+    names = [g for g in layout.names if g.startswith("clip") and g[len("clip") :].isdigit()]
+    return sorted(names, key=lambda g: int(g[len("clip") :]))
+
+
+def multiclip_layout(
+    adapter: Adapter, layout: TokenLayout, input_ids: torch.Tensor, items: Sequence[Item]
+) -> TokenLayout:
+    """The layout of a multi-clip batch with the groups of P3's parallel paths.
+
+    - ``candidate``: every clip's media tokens (audio, video, image; not the spans' markers);
+    - ``target`` / ``distractor``: the media tokens of the row's target clip / of the other clips (they
+      partition ``candidate``);
+    - ``reference``: the question tokens that name the target: the target label's tokens (case-insensitive, whole
+      words, its first mention) in the question text after the last clip;
+    - ``option``: the tokens by which the prompt names the choices: the user-turn text right before each clip
+      (the adapter's clip label, "Clip 1: "), and any lettered option "(A)" the question lists after the clips.
+
+    ``question`` stays the layout's (all user-turn text outside media, so it holds ``option`` and ``reference``).
+
+    Args:
+        layout: the batch's layout (B, L groups), with ``clip0``.. from the adapter.
+        input_ids: (B, L) the batch's token ids.
+        items: the batch's items, whose ``sample.meta`` holds ``target_label`` and ``target_clip``.
+    """
+    clips = clips_of(layout)
+    media = layout.mask("audio+video+image")
+    spans = [layout.groups[c] for c in clips]
+    candidate = torch.stack(spans).any(0) & media if spans else torch.zeros_like(media)
+    target, reference, option = (torch.zeros_like(media) for _ in range(3))
+    question = layout.groups["question"]
+    for b, it in enumerate(items):
+        t = it.sample.meta.get("target_clip")
+        if t is not None and t < len(spans):
+            target[b] = spans[t][b] & media[b]
+        ends = [int(s[b].nonzero().max()) for s in spans if s[b].any()]
+        starts = [int(s[b].nonzero().min()) for s in spans if s[b].any()]
+        prev = -1
+        for s0, e0 in zip(starts, ends, strict=True):
+            run = question[b].clone()
+            run[: prev + 1] = False
+            run[s0:] = False
+            option[b] |= run  # the text between the previous clip and this one: its label
+            prev = e0
+        after = (question[b] & (torch.arange(layout.length) > prev)).nonzero().flatten()
+        if not len(after):
+            continue
+        text, cs = _char_spans(adapter, input_ids[b, after].tolist())
+        label = it.sample.meta.get("target_label")
+        if label:
+            m = re.search(rf"(?<![a-z0-9]){re.escape(str(label).lower())}(?![a-z0-9])", text.lower())
+            if m:
+                reference[b, after[_tokens_over(cs, text, m.start(), m.end())]] = True
+        for m in LETTERED.finditer(text):
+            option[b, after[_tokens_over(cs, text, m.start(), m.end())]] = True
+    out = layout
+    for name, mask in (
+        ("candidate", candidate),
+        ("target", target),
+        ("distractor", candidate & ~target),
+        ("reference", reference),
+        ("option", option),
+    ):
+        out = out.with_group(name, mask)
+    return out
+
+
+def expand_edges(edges: Sequence[str], layout: TokenLayout) -> list[str]:
+    """The edges with :data:`EACH_CLIP` written out for every clip of the layout."""
+    out: list[str] = []
+    for edge in edges:
+        if EACH_CLIP in edge:
+            out += [edge.replace(EACH_CLIP, c) for c in clips_of(layout)]
+        else:
+            out.append(edge)
+    return out
+
+
 def _condition(edge: str, start: int) -> str:
     return f"{edge}|{start}"
 
@@ -163,7 +404,10 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
     - edge, source, target, scope (same / earlier / None), window_start, window_end (exclusive), pairs;
     - the knockout table's readout columns (p_audio, p_visual, their _base, delta_*, dp_audio, dp_visual,
       dp_expected, answer, answer_base, correct, correct_base, follows, follows_base);
-    - dp_answer: dp of the token the model answers without the knockout (defined for every item).
+    - dp_answer: dp of the token the model answers without the knockout (defined for every item);
+    - n_clips, target_clip (0-based), target_label: of a multi-clip item (None for a single clip).
+
+    Multi-clip items (condition ``multiclip``) get :func:`multiclip_layout`'s groups and ``config.multiclip_edges``.
 
     Table ``errors``: items whose inputs could not be built.
     """
@@ -174,10 +418,14 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
     errors: list[dict] = []
     for chunk, inputs in batches(adapter, items, config.batch_size, errors):
         layout = with_other(inputs.layout)
+        multi = chunk[0].condition == MULTICLIP  # a batch holds items of one layout and question
+        if multi:
+            layout = multiclip_layout(adapter, layout, inputs.tensors["input_ids"], chunk)
+        edges = expand_edges(config.multiclip_edges, layout) if multi else list(config.edges)
         inputs = replace(inputs, layout=layout)
         conditions: dict[str, list[Knockout]] = {BASELINE: []}
         pairs: dict[str, torch.Tensor] = {}
-        for edge in config.edges:
+        for edge in edges:
             for s, e in spans:
                 kos = edge_knockouts(edge, layout, range(s, e))
                 conditions[_condition(edge, s)] = kos
@@ -187,7 +435,7 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
         base = Readout(base_logits, chunk, token)
         answer = base_logits.argmax(-1)
         p_answer_base = torch.softmax(base_logits, -1).gather(1, answer[:, None])[:, 0]
-        for edge in config.edges:
+        for edge in edges:
             source, target, scope = parse_edge(edge)
             for s, e in spans:
                 logits = traces[_condition(edge, s)].logits.float()
@@ -205,9 +453,21 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
                             pairs=int(pairs[edge][b]),
                             **now.row(b, base),
                             dp_answer=relative(float(p_answer[b]), float(p_answer_base[b])),
+                            **_clip_fields(it),
                         )
                     )
     return {"flow": rows, "errors": errors}
+
+
+def _clip_fields(it: Item) -> dict:
+    """A record's multi-clip columns (None for a single-clip item)."""
+    clips = it.sample.clips
+    meta = it.sample.meta if clips is not None else {}
+    return {
+        "n_clips": len(clips) if clips is not None else None,
+        "target_clip": meta.get("target_clip"),
+        "target_label": meta.get("target_label"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,7 +501,14 @@ class Summary:
     (the window's first layer), n (items); ``answer_edges``: the same for dp_answer, the model's own answer, over
     every item (so swapped clips answered with the picture have a figure too). ``question_last_dp``: the headline,
     dp of question->last on factual clips pooled over question kinds (its strongest window), with
-    ``question_last_start``. ``n_layers``, ``window``: the sweep; ``n_items``: items."""
+    ``question_last_start``. ``n_layers``, ``window``: the sweep; ``n_items``: items.
+
+    Several clips (their edges are under ``edges["which"]["multiclip"]``): ``multiclip_items``, how many were
+    asked; ``multiclip_correct``, how many the model answered right without knockout (the only ones dp is
+    measured on), ``multiclip_accuracy`` their share and ``multiclip_chance`` that of a guess (1 / clips);
+    ``paths``: each of P3's two paths (:data:`PATHS`) -> ``hops`` (edge -> its strongest window, as in
+    ``edges``) and ``shows`` (True when every hop lowers the right answer: dp <= -:data:`MEANINGFUL_DP` with
+    its 95% interval below 0; None when a hop was not measured)."""
 
     question_last_dp: float | None = None
     question_last_start: int | None = None
@@ -250,6 +517,11 @@ class Summary:
     n_layers: int | None = None
     window: int | None = None
     n_items: int = 0
+    multiclip_items: int = 0
+    multiclip_correct: int = 0
+    multiclip_accuracy: float | None = None
+    multiclip_chance: float | None = None
+    paths: dict[str, dict] = field(default_factory=dict)
 
 
 def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
@@ -274,7 +546,31 @@ def summarize(tables: dict[str, pd.DataFrame]) -> Summary:
         n_layers=int(flow.window_end.max()),
         window=int((flow.window_end - flow.window_start).iloc[0]),
         n_items=int(flow.id.nunique()),
+        **_multiclip_summary(flow, edges),
     )
+
+
+def _multiclip_summary(flow: pd.DataFrame, edges: dict) -> dict:
+    """The multi-clip fields of :class:`Summary` (counts, accuracy, P3's two paths)."""
+    multi = flow[flow.condition == MULTICLIP] if "condition" in flow else flow.iloc[:0]
+    if multi.empty:
+        return {}
+    per_item = multi.drop_duplicates("id")
+    right = per_item.correct_base == True  # noqa: E712
+    hops = edges.get(WHICH, {}).get(MULTICLIP, {})
+    clips = pd.to_numeric(per_item.get("n_clips"), errors="coerce") if "n_clips" in per_item else None
+    paths = {}
+    for name, path in PATHS.items():
+        rs = {e: hops.get(e, {}) for e in path}
+        known = all(r.get("dp") is not None for r in rs.values())
+        paths[name] = {"hops": rs, "shows": all(_lowers(r) for r in rs.values()) if known else None}
+    return {
+        "multiclip_items": len(per_item),
+        "multiclip_correct": int(right.sum()),
+        "multiclip_accuracy": num(right.mean(), 3),
+        "multiclip_chance": num((1 / clips).mean(), 3) if clips is not None and clips.notna().any() else None,
+        "paths": paths,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,7 +600,28 @@ def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
         "most: dp = (p_knockout - p_base) / p_base of the right answer on items answered correctly (P3's metric), "
         "and of the model's own answer on every item"
     )
-    return [out]
+    paths: dict = {}
+    for model, s in summaries.items():
+        for name, path in s.paths.items():
+            for edge, r in path["hops"].items():
+                paths[(model, name, edge)] = {
+                    "dp": r.get("dp"),
+                    "95% CI": None if r.get("low") is None else f"{r['low']:.3f} to {r['high']:.3f}",
+                    "window start": r.get("start"),
+                    "lowers the answer": None if r.get("dp") is None else _lowers(r),
+                    "path shows": path["shows"],
+                    "n (correct items)": r.get("n", 0),
+                    "n (all items)": s.multiclip_items,
+                }
+    if not paths:
+        return [out]
+    by_path = object_frame(paths)
+    by_path.attrs["caption"] = (
+        "Several clips: P3's two parallel paths hop by hop (candidates -> reference -> last, candidates -> option "
+        "markers -> last), each hop's strongest window on the items answered with the right clip; a hop lowers "
+        "the answer at dp <= -0.05 with its 95% interval below 0, a path shows when both hops do"
+    )
+    return [out, by_path]
 
 
 NODES = {
@@ -316,6 +633,18 @@ NODES = {
     "last": (0.92, 0.5),
 }
 """Where the graph draws each group."""
+
+MULTICLIP_NODES = {
+    "target": (0.1, 0.8),
+    "distractor": (0.1, 0.2),
+    "reference": (0.5, 0.8),
+    "option": (0.5, 0.2),
+    "question": (0.5, 0.5),
+    "candidate": (0.1, 0.5),
+    "last": (0.92, 0.5),
+}
+"""Where the multi-clip graph draws each group (P3's two paths: top through the reference, bottom through the
+option markers)."""
 
 
 def _bands(n_layers: int) -> list[tuple[str, int, int]]:
@@ -343,7 +672,10 @@ def plot(tables_by_model: dict[str, dict[str, pd.DataFrame]]) -> Figure:
                 maps.append((model, f"{kind}, {cond}: own answer, all items", own.loc[(kind, cond)]))
         if not keys:
             maps.append((model, None, None))
-        graphs.append((model, prof, int(flow.window_end.max()) if not flow.empty else 0))
+        n_layers = int(flow.window_end.max()) if not flow.empty else 0
+        conds = set(prof.index.get_level_values("condition")) if len(prof) else set()
+        graphs += [(model, prof, n_layers, "factual", NODES)] if conds - {MULTICLIP} or not conds else []
+        graphs += [(model, prof, n_layers, MULTICLIP, MULTICLIP_NODES)] if MULTICLIP in conds else []
     cols = max(len(maps), 3)
     fig = Figure(figsize=(4.2 * cols, 3.6 + 2.8 * len(graphs)), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[3.6, 2.8 * len(graphs)])
@@ -365,7 +697,7 @@ def plot(tables_by_model: dict[str, dict[str, pd.DataFrame]]) -> Figure:
         bar = top.colorbar(image, ax=list(axes), label="mean dp (see each panel's title)", shrink=0.8)
         bar.ax.set_xlabel("dp")
     rows = bottom.subplots(len(graphs), 3, squeeze=False)
-    for r, (model, prof, n_layers) in enumerate(graphs):
+    for r, (model, prof, n_layers, cond, nodes) in enumerate(graphs):
         bands = _bands(n_layers) if n_layers else []
         for c in range(3):
             ax = rows[r, c]
@@ -373,22 +705,31 @@ def plot(tables_by_model: dict[str, dict[str, pd.DataFrame]]) -> Figure:
             if c >= len(bands) or not len(prof):
                 continue
             name, lo, hi = bands[c]
-            _graph(ax, prof, lo, hi)
-            ax.set_title(f"{model}: {name} windows (start {lo}-{hi - 1}), factual", fontsize=9)
+            _graph(ax, prof, lo, hi, cond, nodes)
+            what = "factual" if cond == "factual" else "multi-clip"
+            ax.set_title(f"{model}: {name} windows (start {lo}-{hi - 1}), {what}", fontsize=9)
     fig.suptitle("Information flow: attention knockout of each edge in sliding windows")
     return fig
 
 
-def _graph(ax: Axes, prof: pd.Series, lo: int, hi: int) -> None:
-    """Nodes and arrows for the plain edges; width and label = mean |dp| over the band's windows and kinds."""
+def _graph(
+    ax: Axes,
+    prof: pd.Series,
+    lo: int,
+    hi: int,
+    condition: str = "factual",
+    nodes: dict[str, tuple[float, float]] = NODES,
+) -> None:
+    """Nodes and arrows for the plain edges of one clip condition; width and label = mean |dp| over the band's
+    windows and kinds."""
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    factual = prof[prof.index.get_level_values("condition") == "factual"]
-    for node, (x, y) in NODES.items():
+    factual = prof[prof.index.get_level_values("condition") == condition]
+    for node, (x, y) in nodes.items():
         ax.annotate(node, (x, y), ha="center", va="center", fontsize=8, bbox={"boxstyle": "round", "fc": "#eeeeee"})
     for edge in sorted(set(factual.index.get_level_values("edge"))):
         source, target, scope = parse_edge(edge)
-        if scope is not None or source not in NODES or target not in NODES or source == target:
+        if scope is not None or source not in nodes or target not in nodes or source == target:
             continue
         e = factual[factual.index.get_level_values("edge") == edge]
         starts = e.index.get_level_values("window_start")
@@ -396,7 +737,7 @@ def _graph(ax: Axes, prof: pd.Series, lo: int, hi: int) -> None:
         value = float(np.nanmean(band)) if np.isfinite(band).any() else float("nan")
         if value != value:
             continue
-        (x0, y0), (x1, y1) = NODES[source], NODES[target]
+        (x0, y0), (x1, y1) = nodes[source], nodes[target]
         ax.annotate(
             "",
             (x1, y1),
@@ -426,7 +767,7 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
     """The flow beside P3's findings."""
     parts, calls = [], []
     for m, s in summaries.items():
-        for kind in sorted(s.edges):
+        for kind in sorted(k for k in s.edges if k != WHICH):
             ql = _peak(s, kind, "question->last")
             to_q = [_peak(s, kind, f"{mod}->question") for mod in ("audio", "video")]
             to_q = [r for r in to_q if r.get("start") is not None]
@@ -457,7 +798,7 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
     )
     parts, calls = [], []
     for m, s in summaries.items():
-        for kind in sorted(s.edges):
+        for kind in sorted(k for k in s.edges if k != WHICH):
             mixing = [_peak(s, kind, e) for e in ("audio->video", "video->audio")]
             n = s.n_layers or 0
             parts.append(f"{m}, {kind}: audio->video {_fmt(mixing[0])}, video->audio {_fmt(mixing[1])} (of {n} layers)")
@@ -477,7 +818,47 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
         "Agrees when every cross-modal edge whose knockout lowers the answer (dp <= -0.05, interval below 0) does "
         "so most in a window starting in the first two thirds of the layers; disagrees when none lowers it.",
     )
-    return [order, mixing]
+    return [order, mixing, _paths_finding(summaries)]
+
+
+def _paths_finding(summaries: dict[str, Summary]) -> Finding:
+    """P3's two parallel paths with several clips, hop by hop, with how often the model picked the right clip."""
+    parts, calls = [], []
+    for m, s in summaries.items():
+        if not s.multiclip_items:
+            continue
+        by = _peak_all(s)
+        hops = "; ".join(
+            f"{name} path: " + ", ".join(f"{e} {_fmt(r)}" for e, r in p["hops"].items()) for name, p in s.paths.items()
+        )
+        extra = ", ".join(f"{e} {_fmt(by.get(e, {}))}" for e in ("question->last", "target->last", "distractor->last"))
+        parts.append(
+            f"{m}: right clip {s.multiclip_correct} of {s.multiclip_items} ({pct(s.multiclip_accuracy)}; a guess: "
+            f"{pct(s.multiclip_chance)}); {hops}; {extra}"
+        )
+        shown = [p["shows"] for p in s.paths.values()]
+        if s.multiclip_correct == 0 or all(x is None for x in shown):
+            calls.append(None)
+        else:
+            calls.append("agrees" if all(shown) else "partly" if any(shown) else "disagrees")
+    return Finding(
+        "With several clips, two parallel paths: candidates + question -> reference -> last, and candidates -> "
+        "option markers -> last",
+        "P3: with interleaved clips, blocking either path's hops lowers the answer",
+        "; ".join(parts) or "not measured",
+        verdict(calls),
+        "On multi-clip prompts (which clip has the sound of X?), items answered with the right clip only. A path "
+        "shows when both its hops lower the right answer (dp <= -0.05, 95% interval below 0) in their strongest "
+        "windows; agrees when both paths show, partly when one does. The reference is the target label's tokens "
+        'in the question, the option markers the clip labels ("Clip 1: ") before each clip: a marker precedes '
+        "its own clip, so candidate->option reaches only later markers from earlier clips. dp is shown as mean "
+        "[interval] @ the window's first layer.",
+    )
+
+
+def _peak_all(s: Summary) -> dict[str, dict]:
+    """The multi-clip edges' strongest windows (right answer, correct items)."""
+    return s.edges.get(WHICH, {}).get(MULTICLIP, {})
 
 
 def _fmt(r: dict) -> str:
