@@ -582,7 +582,8 @@ def multiclip(
 
 
 def samples_from_multiclip(row: Mapping[str, Any], *, root: str | Path | None = None) -> Sample:
-    """The model input of one :func:`multiclip` row: its question over one :class:`Clip` per clip.
+    """The model input of one :func:`multiclip` row: its question over one :class:`Clip` per clip (a clip's
+    ``video``, ``audio`` and ``image``, as the manifest's ``clips`` hold them).
 
     Args:
         row: a row of the multiclip manifest (a dict, a pandas row or a ``datasets`` row).
@@ -591,8 +592,8 @@ def samples_from_multiclip(row: Mapping[str, Any], *, root: str | Path | None = 
     """
     clips = []
     for c in row["clips"]:
-        video, audio = (_under(c.get(k), root) for k in ("video", "audio"))
-        clips.append(Clip(video=video, audio=audio))
+        video, audio, image = (_under(c.get(k), root) for k in ("video", "audio", "image"))
+        clips.append(Clip(video=video, audio=audio, image=image))
     meta = {k: row[k] for k in ("target_label", "answer", "labels") if k in row}
     return Sample(str(row["question"]), clips=clips, id=str(row.get("id") or ""), meta=meta)
 
