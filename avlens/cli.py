@@ -53,7 +53,8 @@ app.add_typer(organism_app, name="organism")
 data_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
-    help="Build datasets: counterfactual clips, dominance splits, multi-clip prompts.",
+    help="Build datasets: counterfactual clips, dominance splits, multi-clip prompts, and manifests of benchmarks "
+    "(AVHBench, VGGSound, AV-Odyssey, AV-SpeakerBench).",
     epilog="Example: avlens data counterfactual world/manifest.jsonl cf --organism-groups",
 )
 app.add_typer(data_app, name="data")
@@ -609,6 +610,59 @@ def data_avhbench(
 
     with _Bars() as bars:
         report = avhbench(root, out, progress=bars.simple("QA files"))
+    _problems(report)
+
+
+@data_app.command(
+    "av-odyssey",
+    epilog="Example: avlens data av-odyssey AV_Odyssey_Bench odyssey  (then: avlens run NAME --data "
+    'odyssey/manifest.jsonl --question "question={question}" ...)',
+)
+@fails_cleanly
+def data_av_odyssey(
+    root: Annotated[
+        Path,
+        typer.Argument(
+            metavar="ROOT",
+            help="AV-Odyssey's folder (its *.parquet / *.jsonl / *.json item files; media paths relative to it), "
+            "or one item file.",
+        ),
+    ],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (manifest.jsonl, media/).")],
+) -> None:
+    """Turn AV-Odyssey Bench's items into a manifest: one row per item, its images, videos and sounds as
+    `clips` (in the order the question names them, each tag replaced by "Clip k"), its lettered prompt in
+    `question` and the right letter in `expect_question`. Unusable items are listed."""
+    from .data.formats import av_odyssey
+
+    with _Bars() as bars:
+        report = av_odyssey(root, out, progress=bars.simple("items"))
+    _problems(report)
+
+
+@data_app.command(
+    "av-speakerbench",
+    epilog="Example: avlens data av-speakerbench AV-SpeakerBench speakers  (then: avlens run NAME --data "
+    'speakers/manifest.jsonl --question "question={question}" ...)',
+)
+@fails_cleanly
+def data_av_speakerbench(
+    root: Annotated[
+        Path,
+        typer.Argument(
+            metavar="ROOT",
+            help="AV-SpeakerBench's folder (its *.parquet / *.csv / *.jsonl / *.json table; clip paths relative "
+            "to it), or the table file.",
+        ),
+    ],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (manifest.jsonl).")],
+) -> None:
+    """Turn AV-SpeakerBench's items into a manifest: one row per question over its clip with sound, its lettered
+    prompt in `question` and the right letter in `expect_question`. Unusable items are listed."""
+    from .data.formats import av_speakerbench
+
+    with _Bars() as bars:
+        report = av_speakerbench(root, out, progress=bars.simple("items"))
     _problems(report)
 
 

@@ -1,5 +1,6 @@
-"""Benchmarks users bring (AVHBench QA files, VGGSound's label CSV) as manifests, on small files written here in
-the documented formats; lettered multiple-choice prompts and the letter read back."""
+"""Benchmarks users bring (AVHBench QA files, VGGSound's label CSV, AV-Odyssey and AV-SpeakerBench items) as
+manifests, on small files written here in the documented formats; lettered multiple-choice prompts and the letter
+read back."""
 
 from __future__ import annotations
 
@@ -121,3 +122,269 @@ def test_the_commands_write_manifests_and_refuse_bad_input_in_one_line(tmp_path,
     missing = cli("data", "avhbench", str(tmp_path / "nothing"), str(tmp_path / "o2"))
     assert missing.returncode == 2 and "no AVHBench QA files" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AV-Odyssey and AV-SpeakerBench
+# ---------------------------------------------------------------------------------------------------------
+def _png(path, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _wav(path, hz=440.0):
+    import numpy as np
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(8000) / 16000
+    sf.write(path, (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32), 16000)
+    return path
+
+
+def _odyssey_root(tmp_path, clip):
+    """AV-Odyssey's lmms-eval layout (media path lists) as JSON lines, and a part in the Parquet layout of the
+    original release (image_1.., audio_1.., video_1 holding the files' bytes)."""
+    import pandas as pd
+
+    root = tmp_path / "AV_Odyssey"
+    for i in range(1, 5):
+        _png(root / "images" / f"{i}.png", seed=i)
+    _wav(root / "audios" / "1.wav")
+    (root / "videos").mkdir()
+    shutil.copy(clip, root / "videos" / "v.mp4")
+    four = ["[A] piano", "[B] violin", "[C] drum", "[D] flute"]
+    base = {"question_type_id": 1, "subfield": "Timbre", "data_type": "image", "video_path": []}
+    items = [
+        # one image and one sound
+        {
+            **base,
+            "question_id": "q1",
+            "question": "[img1] [audio1] Which instrument in the picture makes this sound?",
+            "options": four,
+            "answer": "B",
+            "image_path": ["images/1.png"],
+            "audio_path": ["audios/1.wav"],
+        },
+        # several clips: the sound is named first, the images in the options
+        {
+            **base,
+            "question_id": "q2",
+            "question_type_id": 7,
+            "subfield": "Space",
+            "question": "Which image shows where [audio1] was recorded?",
+            "options": [f"[{x}] [img{i}]" for i, x in enumerate("ABCD", 1)],
+            "answer": "[C]",
+            "image_path": [f"images/{i}.png" for i in range(1, 5)],
+            "audio_path": ["audios/1.wav"],
+        },
+        # a video and its sound
+        {
+            **base,
+            "question_id": "q3",
+            "data_type": "video",
+            "question": "[video1] [audio1] Does the sound belong to the video?",
+            "options": ["[A] yes", "[B] no", "[C] only at the start", "[D] only at the end"],
+            "answer": "A",
+            "image_path": [],
+            "video_path": ["videos/v.mp4"],
+            "audio_path": ["audios/1.wav"],
+        },
+        # a missing media file
+        {
+            **base,
+            "question_id": "q4",
+            "question": "[img1] [audio1] Which?",
+            "options": four,
+            "answer": "A",
+            "image_path": ["images/missing.png"],
+            "audio_path": ["audios/1.wav"],
+        },
+        # malformed: no answer; a tag naming an image the item lacks; options lettered out of order
+        {**base, "question_id": "q5", "question": "[img1] Which?", "options": four, "image_path": ["images/1.png"]},
+        {
+            **base,
+            "question_id": "q6",
+            "question": "[img2] [audio1] Which?",
+            "options": four,
+            "answer": "A",
+            "image_path": ["images/1.png"],
+            "audio_path": ["audios/1.wav"],
+        },
+        {
+            **base,
+            "question_id": "q7",
+            "question": "[img1]?",
+            "options": four[::-1],
+            "answer": "A",
+            "image_path": ["images/1.png"],
+        },
+    ]
+    lines = [json.dumps(x) for x in items]
+    lines.insert(3, "{not json")
+    (root / "av_odyssey_part1.jsonl").write_text("\n".join(lines) + "\n")
+    part = {
+        "question_id": "p1",
+        "question_type_id": 2,
+        "subfield": "Tone",
+        "data_type": "image",
+        "question": "[img1] [audio1] Is this the instrument you hear?",
+        "options": ["[A] yes", "[B] no", "[C] both", "[D] neither"],
+        "answer": "D",
+        "image_1": (root / "images" / "2.png").read_bytes(),
+        "image_2": b"",
+        "audio_1": (root / "audios" / "1.wav").read_bytes(),
+        "audio_2": b"",
+        "video_1": None,
+    }
+    pd.DataFrame([part]).to_parquet(root / "av_odyssey_part2.parquet")
+    return root
+
+
+@pytest.mark.filterwarnings("ignore:.*outside tiny-qwen2.5-omni.s vocabulary")
+def test_av_odyssey_items_become_clips_with_the_benchmarks_lettered_prompt(tmp_path, clip, omni):
+    from avlens.data.builders import samples_from_multiclip
+    from avlens.data.formats import AV_ODYSSEY_INSTRUCTION, av_odyssey
+
+    root = _odyssey_root(tmp_path, clip)
+    done = []
+    report = av_odyssey(root, tmp_path / "out", progress=lambda n, total: done.append((n, total)))
+    df = read_manifest(report.manifest)
+    assert report.written == len(df) == 4 and list(df.id) == ["q1", "q2", "q3", "p1"]
+    assert done[-1] == (8, 8)  # 7 items in the JSON lines (one line unreadable) and 1 in the Parquet part
+    reasons = {p["id"]: (p["reason"], p["file"]) for p in report.problems}
+    assert set(reasons) == {"av_odyssey_part1-3", "q4", "q5", "q6", "q7"}  # one line per unusable item
+    assert reasons["q4"] == ("media file not found", str(root / "images" / "missing.png"))
+    assert reasons["q5"][0] == "item without answer" and reasons["q5"][1].endswith("av_odyssey_part1.jsonl")
+    assert reasons["q6"][0] == "the question names [img2] but the item has 1 image(s)"
+    assert reasons["q7"][0] == "options lettered D, C, B, A, not A, B, C, D"
+    assert reasons["av_odyssey_part1-3"][0].startswith("unreadable line 4")
+    rows = {r.id: r for r in df.itertuples()}
+
+    def kinds(row):
+        return [next(k for k in ("video", "audio", "image") if c[k]) for c in row.clips]
+
+    # one image and one sound; the prompt keeps the benchmark's letters and order
+    q1 = rows["q1"]
+    assert kinds(q1) == ["image", "audio"] and q1.clips[0]["image"] == str(root / "images" / "1.png")
+    assert q1.question == mc_prompt(
+        "Clip 1 Clip 2 Which instrument in the picture makes this sound?",
+        ["piano", "violin", "drum", "flute"],
+        AV_ODYSSEY_INSTRUCTION,
+    )
+    assert q1.expect_question == "B" and (q1.task_id, q1.subfield, q1.data_type) == ("1", "Timbre", "image")
+    assert q1.source_question.startswith("[img1] [audio1]") and q1.source_file == "av_odyssey_part1.jsonl"
+    # several clips in one item: in the order first named, the tags in the options naming clips too
+    q2 = rows["q2"]
+    assert kinds(q2) == ["audio", "image", "image", "image", "image"] and q2.expect_question == "C"
+    assert [c["image"] for c in q2.clips[1:]] == [str(root / "images" / f"{i}.png") for i in range(1, 5)]
+    assert list(q2.options) == ["Clip 2", "Clip 3", "Clip 4", "Clip 5"]
+    assert q2.question.startswith("Which image shows where Clip 1 was recorded? (A) Clip 2 (B) Clip 3")
+    assert kinds(rows["q3"]) == ["video", "audio"]
+    # the Parquet part's bytes are written out as files
+    p1 = rows["p1"]
+    assert kinds(p1) == ["image", "audio"] and p1.expect_question == "D"
+    assert p1.clips[0]["image"].endswith("media/p1_image1.png") and p1.clips[1]["audio"].endswith("p1_audio1.wav")
+    assert (tmp_path / "out" / "media" / "p1_image1.png").read_bytes() == (root / "images" / "2.png").read_bytes()
+    # the model takes the still images and sounds as clips
+    sample = samples_from_multiclip(df.iloc[1].to_dict())
+    assert [c.image is not None for c in sample.clips] == [False, True, True, True, True]
+    inputs = omni.prepare([sample])
+    used = inputs.media[0]["clips"]
+    assert [u["image"] is not None for u in used] == [False, True, True, True, True] and used[0]["audio"]
+    # one item file as the root
+    one = av_odyssey(root / "av_odyssey_part2.parquet", tmp_path / "one")
+    assert one.written == 1 and not one.problems
+    with pytest.raises(avlens.InputError, match="no AV-Odyssey item files"):
+        av_odyssey(tmp_path / "nothing", tmp_path / "o2")
+
+
+def test_av_speakerbench_table_becomes_lettered_questions_over_each_clip(tmp_path, clip):
+    import pandas as pd
+
+    from avlens.data.formats import AV_SPEAKERBENCH_INSTRUCTION, av_speakerbench
+
+    root = tmp_path / "AV-SpeakerBench"
+    for name in ("av/a.mp4", "av/b.mp4", "visual/c.mp4"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(clip, root / name)
+    _wav(root / "audio" / "c.wav")
+    choices = str(["A. the man in grey", "B. the woman in black", "C. the child", "D. nobody"])  # as released
+    rows = [
+        {"question_id": "s1", "task_id": "speaker_detection", "category": "speaker", "sub_category": "who",
+         "question": "Who says 'red line' first?", "choices": choices, "answer": "B", "audio_visual_path": "av/a.mp4"},
+        {"question_id": "s2", "task_id": "speech_rate", "category": "speech", "sub_category": "rate",
+         "question": "Who speaks fastest?", "choices": choices, "answer": "D", "audio_visual_path": "av/b.mp4"},
+        # a video and its sound as separate files: one clip playing both
+        {"question_id": "s3", "task_id": "visual_counting", "category": "visual", "sub_category": "count",
+         "question": "How many people are visible after she says 'hello'?", "choices": choices, "answer": "A",
+         "audio_visual_path": "", "visual_path": "visual/c.mp4", "audio_path": "audio/c.wav"},
+        # a missing clip; malformed: choices not lettered in order, an answer outside the letters, a repeated id
+        {"question_id": "s4", "question": "Who?", "choices": choices, "answer": "A", "audio_visual_path": "av/x.mp4"},
+        {"question_id": "s5", "question": "Who?", "choices": str(["A. x", "C. y"]), "answer": "A",
+         "audio_visual_path": "av/a.mp4"},
+        {"question_id": "s6", "question": "Who?", "choices": choices, "answer": "E", "audio_visual_path": "av/a.mp4"},
+        {"question_id": "s1", "question": "Who?", "choices": choices, "answer": "A", "audio_visual_path": "av/a.mp4"},
+    ]  # fmt: skip
+    pd.DataFrame(rows).to_csv(root / "test.csv", index=False)
+    report = av_speakerbench(root, tmp_path / "out")
+    df = read_manifest(report.manifest)
+    assert report.written == len(df) == 3 and list(df.id) == ["s1", "s2", "s3"]
+    reasons = [(p["id"], p["reason"]) for p in report.problems]
+    assert reasons == [
+        ("s4", "media file not found"),
+        ("s5", "options lettered A, C, not A, B"),
+        ("s6", "answer 'E' is none of the option letters A, B, C, D"),
+        ("s1", "question id 's1' repeats an earlier item's"),
+    ]
+    assert report.problems[0]["file"] == str(root / "av" / "x.mp4")
+    s1 = df.iloc[0]
+    texts = ["the man in grey", "the woman in black", "the child", "nobody"]
+    assert s1.question == mc_prompt("Who says 'red line' first?", texts, AV_SPEAKERBENCH_INSTRUCTION)
+    assert s1.video == str(root / "av" / "a.mp4") and list(s1.options) == texts
+    assert (s1.task_id, s1.category, s1.sub_category, s1.source_file) == (
+        "speaker_detection",
+        "speaker",
+        "who",
+        "test.csv",
+    )
+    assert df.iloc[2].clips == [
+        {"video": str(root / "visual" / "c.mp4"), "audio": str(root / "audio" / "c.wav"), "image": None}
+    ]
+    # each row asks its own question, scored against its own letter
+    items = items_from_manifest(report.manifest, {"question": "{question}"})
+    assert [i.expected for i in items] == ["B", "D", "A"] and items[0].sample.prompt == s1.question
+    assert items[0].sample.video.endswith("a.mp4")
+    (clip3,) = items[2].sample.clips
+    assert clip3.video.endswith("c.mp4") and clip3.audio.endswith("c.wav")
+
+
+def test_the_av_odyssey_and_speakerbench_commands_write_manifests_and_refuse_a_missing_root(tmp_path, clip):
+    import pandas as pd
+    from test_cli import avlens as cli
+
+    root = _odyssey_root(tmp_path, clip)
+    out = cli("data", "av-odyssey", str(root), str(tmp_path / "o"))
+    assert out.returncode == 0, out.stderr
+    assert len(read_manifest(tmp_path / "o" / "manifest.jsonl")) == 4 and "skipped q4: " in out.stderr
+    (tmp_path / "sb").mkdir()
+    shutil.copy(clip, tmp_path / "sb" / "a.mp4")
+    row = {
+        "question_id": "s1",
+        "question": "Who?",
+        "choices": "['A. x', 'B. y']",
+        "answer": "A",
+        "audio_visual_path": "a.mp4",
+    }
+    pd.DataFrame([row]).to_parquet(tmp_path / "sb" / "test.parquet")
+    out = cli("data", "av-speakerbench", str(tmp_path / "sb"), str(tmp_path / "o2"))
+    assert out.returncode == 0, out.stderr
+    assert read_manifest(tmp_path / "o2" / "manifest.jsonl").expect_question.tolist() == ["A"]
+    for command, name in (("av-odyssey", "AV-Odyssey"), ("av-speakerbench", "AV-SpeakerBench")):
+        missing = cli("data", command, str(tmp_path / "nothing"), str(tmp_path / "o3"))
+        assert missing.returncode == 2 and f"no {name} item files (no such file or folder)" in missing.stderr
+        assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
