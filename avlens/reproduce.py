@@ -71,7 +71,8 @@ def plan_units(name: str, config: Any, manifest: Path, labels: Sequence[str]) ->
     """
     questions = getattr(config, "questions", None) or {"describe": config.question}
     conditions = getattr(config, "conditions", None)
-    items = items_from_manifest(manifest, questions, conditions=conditions)
+    reader = getattr(config, "items", None)  # a config that reads its own items (flow: multi-clip prompts too)
+    items = reader(manifest) if callable(reader) else items_from_manifest(manifest, questions, conditions=conditions)
     items = sorted(items, key=lambda it: it.clip)  # stable: a row's questions keep their order
     size = max(1, min(int(getattr(config, "batch_size", 8) or 8), 48))
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
@@ -252,6 +253,8 @@ def reproduce(
         from .organism.world import CLASSES
 
         configs["mitigate"] = replace(configs["mitigate"], labels=tuple(CLASSES))
+    if data is None and "flow" in configs:  # P3's parallel paths: prompts of two of the world's clips
+        configs["flow"] = replace(configs["flow"], multiclip_prompts=48)
     config = {
         "models": models,
         "base": base,

@@ -291,3 +291,8 @@ def test_multiclip_prompts_built_from_a_counterfactual_manifest_join_its_items(t
     for it in multi:  # every clip a factual one playing its video's own track
         assert all(c.audio is None and "__factual" in str(c.video) for c in it.sample.clips)
         assert it.sample.prompt == f"Which clip has the sound of {it.sample.meta['target_label']}?"
+    # a run (reproduce, avlens run) plans the config's own items: the multi-clip prompts join the units
+    from avlens.reproduce import plan_units
+
+    planned = [it for unit in plan_units("flow", config, manifest, ["m"])["m"].values() for it in unit]
+    assert sorted(it.id for it in planned) == sorted(it.id for it in items)
