@@ -172,6 +172,28 @@ def test_multiclip_edge_knockouts_equal_the_same_masks_written_by_hand_on_the_ea
         assert got.tolist() == (mask & causal).sum((1, 2)).tolist(), e
 
 
+def test_a_benchmark_item_with_lettered_options_has_its_markers_and_no_target(tiny, media):
+    """An AV-Odyssey-style row (:mod:`avlens.data.formats`): its clips, a question listing lettered options, the
+    right letter in ``expect_question``; which clip is "the target" is unknown, so no clip is one."""
+    row = {
+        "id": "odyssey-1",
+        "clips": [{"video": str(media["short"])}, {"video": str(media["clip"])}],
+        "question": "Which clip has the sound of dog? (A) clip 1 (B) clip 2",
+        "expect_question": "B",
+    }
+    (item,) = flow.items_from_multiclip(pd.DataFrame([row]))
+    assert (item.expected, item.problem, item.sample.meta["target_clip"]) == ("B", None, None)
+    inputs = tiny.prepare([item.sample], interleave=True)
+    layout = flow.multiclip_layout(tiny, flow.with_other(inputs.layout), inputs.tensors["input_ids"], [item])
+    assert not any(layout.groups[g].any() for g in ("target", "distractor", "reference"))
+    ids = inputs.tensors["input_ids"][0].tolist()
+    marks = layout.positions("option", 0).tolist()
+    enc = lambda text: tiny.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    assert [ids[i] for i in marks] == enc("clip 1 :") + enc("clip 2 :") + enc("(a)") + enc("(b)")
+    (bad,) = flow.items_from_multiclip(pd.DataFrame([{**row, "expect_question": None}]))
+    assert "neither an answer" in bad.problem
+
+
 def test_target_index_reads_numbers_and_letters():
     assert [flow.target_index(a, 3) for a in ("1", " 3", "B", "(c)", "4", "0", "x", "")] == [
         0,
@@ -200,6 +222,7 @@ def _planted(dp: dict[str, float]) -> pd.DataFrame:
                         "window_end": s + 1,
                         "pairs": 3,
                         "n_clips": 2,
+                        "target_clip": i % 2,
                         "correct_base": i < 6,  # two items answered wrongly: counted, left out of dp
                         "dp_expected": (dp[edge] if s == 1 else 0.0) + 0.01 * (i % 3 - 1) + (5.0 if i >= 6 else 0),
                         "dp_answer": 0.0,

@@ -232,19 +232,24 @@ def target_index(answer: str, n_clips: int) -> int | None:
 
 
 def items_from_multiclip(manifest: str | Path | pd.DataFrame, *, limit: int | None = None) -> list[Item]:
-    """One item per row of a multi-clip manifest (:func:`avlens.data.builders.multiclip`'s columns: ``clips``,
-    ``question``, ``answer``, ``target_label``, optionally ``visual_labels``): condition ``multiclip``, question
-    ``which``, ``expected`` the answer (the target clip's number, scored as the first answer token). The sample's
-    ``meta`` holds ``target_label``, ``target_clip`` (0-based) and ``visual_labels``. Rows whose answer names
-    no clip carry the reason as the item's ``problem``.
+    """One item per row of a multi-clip manifest: condition ``multiclip``, question ``which``, scored on the first
+    answer token.
+
+    Two kinds of rows: :func:`avlens.data.builders.multiclip`'s (``clips``, ``question``, ``answer`` the target
+    clip's number, ``target_label``, optionally ``visual_labels``), whose ``expected`` is that number and whose
+    target clip is known; and benchmark rows (:mod:`avlens.data.formats`: AV-Odyssey's ``clips``, a ``question``
+    that lists lettered options, ``expect_question`` the right letter), whose ``expected`` is the letter and whose
+    target clip is unknown (None: the target, distractor and reference groups are empty, their edges no-ops). The
+    sample's ``meta`` holds ``target_label``, ``target_clip`` (0-based or None) and ``visual_labels``. A builder
+    row whose answer names no clip, or a row with neither answer, carries the reason as the item's ``problem``.
 
     Raises:
-        InputError: an unreadable manifest, or one without ``clips``, ``question`` or ``answer``.
+        InputError: an unreadable manifest, or one without ``clips`` or ``question``.
     """
     from ..data.builders import samples_from_multiclip
     from ..data.manifest import check_columns, read_manifest
 
-    need = ("clips", "question", "answer")
+    need = ("clips", "question")
     if isinstance(manifest, pd.DataFrame):
         df = manifest
         check_columns(df, need, path=df.attrs.get("path"))
@@ -255,17 +260,28 @@ def items_from_multiclip(manifest: str | Path | pd.DataFrame, *, limit: int | No
         sample = samples_from_multiclip(row)
         sample.id = f"{row['id']}/{WHICH}"
         n = len(sample.clips or [])
-        target = target_index(row["answer"], n)
-        seen = list(row.get("visual_labels") or [None] * n)
+        answer, letter = (_text(row.get(k)) for k in ("answer", "expect_question"))
+        target = target_index(answer, n) if answer is not None else None
+        problem = None
+        if answer is not None and target is None:
+            problem = f"the answer {answer!r} names none of the {n} clips"
+        elif answer is None and letter is None:
+            problem = "the row has neither an answer (the target clip's number) nor an expect_question"
         sample.meta = {
             **sample.meta,
-            "target_label": row.get("target_label"),
+            "target_label": _text(row.get("target_label")) if target is not None else None,
             "target_clip": target,
-            "visual_labels": seen,
+            "visual_labels": list(row.get("visual_labels") or [None] * n),
         }
-        problem = None if target is not None else f"the answer {row['answer']!r} names none of the {n} clips"
-        out.append(Item(sample.id, sample, MULTICLIP, WHICH, None, None, str(row["answer"]).strip(), problem))
+        out.append(Item(sample.id, sample, MULTICLIP, WHICH, None, None, answer or letter, problem))
     return out
+
+
+def _text(v: object) -> str | None:
+    """A manifest cell as stripped text (None when empty)."""
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    return str(v).strip() or None
 
 
 def multiclip_items_of(manifest: str | Path | pd.DataFrame, n_prompts: int, n_clips: int, seed: int) -> list[Item]:
@@ -325,7 +341,7 @@ def multiclip_layout(
 
     - ``candidate``: every clip's media tokens (audio, video, image; not the spans' markers);
     - ``target`` / ``distractor``: the media tokens of the row's target clip / of the other clips (they
-      partition ``candidate``);
+      partition ``candidate``; both empty where the target clip is unknown, as on a benchmark's lettered items);
     - ``reference``: the question tokens that name the target: the target label's tokens (case-insensitive, whole
       words, its first mention) in the question text after the last clip;
     - ``option``: the tokens by which the prompt names the choices: the user-turn text right before each clip
@@ -344,9 +360,11 @@ def multiclip_layout(
     candidate = torch.stack(spans).any(0) & media if spans else torch.zeros_like(media)
     target, reference, option = (torch.zeros_like(media) for _ in range(3))
     question = layout.groups["question"]
+    known = torch.zeros(layout.batch_size, dtype=torch.bool)  # rows whose target clip is known
     for b, it in enumerate(items):
         t = it.sample.meta.get("target_clip")
-        if t is not None and t < len(spans):
+        known[b] = t is not None and t < len(spans)
+        if known[b]:
             target[b] = spans[t][b] & media[b]
         ends = [int(s[b].nonzero().max()) for s in spans if s[b].any()]
         starts = [int(s[b].nonzero().min()) for s in spans if s[b].any()]
@@ -372,7 +390,7 @@ def multiclip_layout(
     for name, mask in (
         ("candidate", candidate),
         ("target", target),
-        ("distractor", candidate & ~target),
+        ("distractor", candidate & ~target & known[:, None]),
         ("reference", reference),
         ("option", option),
     ):
@@ -505,10 +523,10 @@ class Summary:
 
     Several clips (their edges are under ``edges["which"]["multiclip"]``): ``multiclip_items``, how many were
     asked; ``multiclip_correct``, how many the model answered right without knockout (the only ones dp is
-    measured on), ``multiclip_accuracy`` their share and ``multiclip_chance`` that of a guess (1 / clips);
-    ``paths``: each of P3's two paths (:data:`PATHS`) -> ``hops`` (edge -> its strongest window, as in
-    ``edges``) and ``shows`` (True when every hop lowers the right answer: dp <= -:data:`MEANINGFUL_DP` with
-    its 95% interval below 0; None when a hop was not measured)."""
+    measured on), ``multiclip_accuracy`` their share and ``multiclip_chance`` that of a guess (1 / clips, over
+    the prompts whose target clip is known); ``paths``: each of P3's two paths (:data:`PATHS`) -> ``hops`` (edge
+    -> its strongest window, as in ``edges``) and ``shows`` (True when every hop lowers the right answer: dp <=
+    -:data:`MEANINGFUL_DP` with its 95% interval below 0; None when a hop was not measured)."""
 
     question_last_dp: float | None = None
     question_last_start: int | None = None
@@ -558,12 +576,13 @@ def _multiclip_summary(flow: pd.DataFrame, edges: dict) -> dict:
     per_item = multi.drop_duplicates("id")
     right = per_item.correct_base == True  # noqa: E712
     hops = edges.get(WHICH, {}).get(MULTICLIP, {})
-    clips = pd.to_numeric(per_item.get("n_clips"), errors="coerce") if "n_clips" in per_item else None
+    known = per_item[per_item.target_clip.notna()] if "target_clip" in per_item else per_item.iloc[:0]
+    clips = pd.to_numeric(known.n_clips, errors="coerce") if len(known) else None  # a guess: 1 / clips
     paths = {}
     for name, path in PATHS.items():
         rs = {e: hops.get(e, {}) for e in path}
-        known = all(r.get("dp") is not None for r in rs.values())
-        paths[name] = {"hops": rs, "shows": all(_lowers(r) for r in rs.values()) if known else None}
+        measured = all(r.get("dp") is not None for r in rs.values())
+        paths[name] = {"hops": rs, "shows": all(_lowers(r) for r in rs.values()) if measured else None}
     return {
         "multiclip_items": len(per_item),
         "multiclip_correct": int(right.sum()),
