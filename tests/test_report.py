@@ -203,7 +203,7 @@ def _tables_of(out, name: str) -> dict[str, pd.DataFrame]:
 
 P1 = ("counterfactual", "probe", "logit_lens", "knockout", "token_shift", "attention_share")
 P2 = ("sinks", "causal_trace", "mitigate")
-P3 = ("flow", "route")
+P3 = ("flow", "route", "discard")
 ANALYSES = P1 + P2 + P3
 
 

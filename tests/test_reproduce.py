@@ -57,7 +57,7 @@ def test_every_analysis_runs_and_reports(setup, tmp_path):
     summary = json.loads((out / "summary.json").read_text(), parse_constant=_refuse)  # strict JSON: no NaN
     names = {"counterfactual", "probe", "logit_lens", "knockout", "token_shift", "attention_share"}  # P1
     names |= {"sinks", "causal_trace", "mitigate"}  # P2
-    names |= {"flow", "route"}  # P3
+    names |= {"flow", "route", "discard"}  # P3
     assert set(summary["headline"]) == names
     for name, h in summary["headline"].items():
         assert set(h["models"]) == {"tiny"} and h["figure"], name
@@ -76,6 +76,8 @@ def test_every_analysis_runs_and_reports(setup, tmp_path):
         "mitigate.probes",
         "flow.flow",
         "route.route",
+        "discard.discard",
+        "discard.latency",
     } <= set(results)
     # Tables an analysis's finalize computes from the records are results too, with the model beside each row.
     for table in ("probe.probes", "probe.skipped", "token_shift.positions"):

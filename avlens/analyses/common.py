@@ -20,6 +20,7 @@ rows of the analysis's ``errors`` table, which a run lists at its end.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,6 +394,12 @@ def token_follows(answer: int, audio: int | None, visual: int | None) -> str:
     labels (a congruent clip, whose two labels are one word, or labels sharing their first token)."""
     a, v = answer == audio, answer == visual
     return "both" if a and v else "audio" if a else "visual" if v else "neither"
+
+
+def split_of(clip: str) -> str:
+    """ "dev" or "test": half of the clips each, by a hash of the clip id (stable across runs and units). Settings
+    are chosen on "dev" and reported on "test"."""
+    return "dev" if zlib.crc32(clip.encode()) % 2 == 0 else "test"
 
 
 def relative(p: float, p_base: float) -> float:

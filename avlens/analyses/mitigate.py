@@ -60,7 +60,7 @@ from .causal_trace import (
     sink_scores,
     token_sets,
 )
-from .common import Item, first_token, words
+from .common import Item, first_token, split_of, words
 from .plotting import legend_outside
 
 NAME = "mitigate"
@@ -196,11 +196,6 @@ def guidance_layers(config: Config, n_layers: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------
 # Collect
 # ---------------------------------------------------------------------------------------------------------
-def split_of(clip: str) -> str:
-    """ "dev" or "test": half of the clips each, by a hash of the clip id (stable across runs and units)."""
-    return "dev" if zlib.crc32(clip.encode()) % 2 == 0 else "test"
-
-
 def probes_of(item: Item, config: Config, vocabulary: Sequence[str]) -> list[tuple[str, str, str]]:
     """The yes/no probes of an item's clip: (kind, prompt, expected answer)."""
     heard, seen = item.audio_label, item.visual_label

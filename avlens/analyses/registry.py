@@ -24,6 +24,7 @@ BUILTIN = (
     "mitigate",
     "flow",
     "route",
+    "discard",
 )
 """The built-in analyses, in report order: each is the module ``avlens.analyses.<name>``, whose ``SPEC`` is its
 :class:`~avlens.analyses.base.Analysis`."""

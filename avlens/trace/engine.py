@@ -37,6 +37,7 @@ the layers computes (a :class:`_Pass`) and what it starts from:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -71,6 +72,9 @@ class Trace:
         cache_entries: (B, n_layers) long, the key/value entries of valid positions each row's attention holds
             per layer when the run ends (prompt and generated positions; a discarded group's are gone from its
             layer on). None for conditions run on part of the layers (``run_conditions``).
+        seconds: wall times of a generation (``generate`` only): "prefill" (the encoders, the embedding and the
+            prompt's forward), "decode" (every decoding step after it) and "steps" (how many steps that was: one
+            fewer than the longest row's tokens, since the first token comes from the prefill).
     """
 
     logits: torch.Tensor
@@ -80,6 +84,7 @@ class Trace:
     text: list[str] | None = None
     step_logits: torch.Tensor | None = None
     cache_entries: torch.Tensor | None = None
+    seconds: dict[str, float] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,15 +238,19 @@ def generate(
     """
     _refuse_received(capture, "generate() would count decoding queries of stopped rows")
     with _avlens_attention(adapter):
+        start = time.perf_counter()
         emb = adapter.embed(inputs)
         layout = inputs.layout.extend(max_new_tokens)
         b = inputs.batch_size
         fwd = _Forward(adapter, emb, layout, torch.arange(b), [list(interventions)] * b, capture, attn, "last")
         fwd.prefill(0, 0, None)
+        prefilled = time.perf_counter()
         tokens, step_logits = _greedy(
             adapter, fwd.last_logits, lambda t, nxt: fwd.step(nxt), max_new_tokens, min_new_tokens
         )
+        end = time.perf_counter()
         trace = fwd.trace(slice(None))
+    trace.seconds = {"prefill": prefilled - start, "decode": end - prefilled, "steps": len(step_logits) - 1}
     return _generated(adapter, trace, tokens, step_logits)
 
 
@@ -550,6 +559,8 @@ class _Forward:
         self.inputs_kept: dict[int, tuple[torch.Tensor, int]] = {}
         # Conditions folded into this run's pass (see start_fold), or None.
         self.fold: _Forward | None = None
+        # Layer -> (R, K) the absolute position of each key its attention holds (-1: a padding slot).
+        self.k_pos: dict[int, torch.Tensor] = {}
         # Nothing asks for the last layer's output at any but the last position: that layer then runs the
         # other positions only as far as their keys/values (which later queries attend to).
         last, states = self.n - 1, self.plan.sites("states")
@@ -957,9 +968,9 @@ class _Forward:
         records = _Records(self, rows)
         caps = {cap.name: cap.result(records, lay) for cap in self.capture}
         logits = self.logits[rows] if self.logits_at == "all" else self.last_logits[rows]
-        entries = None
-        if all(i in self.k_pos for i in range(self.n)):
-            held = [_gather(self.valid, self.k_pos[i]).sum(1) for i in range(self.n)]  # (R,) per layer
+        entries, k_pos = None, self.k_pos
+        if all(i in k_pos for i in range(self.n)):
+            held = [_gather(self.valid, k_pos[i]).sum(1) for i in range(self.n)]  # (R,) per layer
             entries = torch.stack(held, 1)[rows].cpu()
         return Trace(logits=logits, captures=caps, layout=lay, cache_entries=entries)
 
