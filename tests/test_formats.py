@@ -296,6 +296,10 @@ def test_av_odyssey_items_become_clips_with_the_benchmarks_lettered_prompt(tmp_p
     inputs = omni.prepare([sample])
     used = inputs.media[0]["clips"]
     assert [u["image"] is not None for u in used] == [False, True, True, True, True] and used[0]["audio"]
+    # ... also when a row's prompt is asked of it by an analysis, scored on its letter
+    item = items_from_manifest(report.manifest, {"question": "{question}"})[1]
+    assert [c.image is not None for c in item.sample.clips] == [False, True, True, True, True]
+    assert item.sample.prompt == q2.question and item.expected == "C"
     # one item file as the root
     one = av_odyssey(root / "av_odyssey_part2.parquet", tmp_path / "one")
     assert one.written == 1 and not one.problems

@@ -157,7 +157,7 @@ def _sample(row: Mapping[str, Any], prompt: str, condition: str) -> tuple[Sample
     video, audio, image = _value(row, "video"), _value(row, "audio"), _value(row, "image")
     clips = _value(row, "clips")
     if clips is not None and len(clips):
-        return Sample(prompt, clips=[Clip(video=c.get("video"), audio=c.get("audio")) for c in clips]), None
+        return Sample(prompt, clips=[Clip(c.get("video"), c.get("audio"), c.get("image")) for c in clips]), None
     if video is None and audio is None and image is None:
         return Sample(prompt), "the row has no media (its video, audio and image are empty)"
     if image is not None:
