@@ -117,7 +117,7 @@ def window_of(config: Config, n_layers: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Media and answers
 # ---------------------------------------------------------------------------------------------------------
-def _media(sample: Sample, adapter: Adapter) -> tuple[VideoClip, np.ndarray]:
+def media_of(sample: Sample, adapter: Adapter) -> tuple[VideoClip, np.ndarray]:
     """The sample's frames and waveform, decoded once (so they can be zeroed in memory)."""
     options = getattr(adapter, "options", None)
     fps, max_frames = getattr(options, "fps", 2.0), getattr(options, "max_frames", None)
@@ -309,7 +309,7 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
             errors.append({"id": it.id, "condition": it.condition, "file": None, "reason": it.problem})
             continue
         try:
-            video, audio = _media(it.sample, adapter)
+            video, audio = media_of(it.sample, adapter)
         except InputError as e:
             errors.append({"id": it.id, "condition": it.condition, "file": e.path, "reason": e.problem})
             continue

@@ -519,7 +519,8 @@ SPEC = Analysis(
     findings=findings,
     plot=plot,
     tables=tables,
-    default_config=Config(),
+    # factual clips (benchmark accuracy), both questions, batches of 16: fewer batches to time
+    default_config=Config(conditions=("factual",), batch_size=16),
     paper="P3",
     about=__doc__,
 )
