@@ -236,7 +236,7 @@ def test_a_path_shows_only_when_both_its_hops_lower_the_answer():
     hop by 40%, its second by 1% (no effect by the fixed 5% rule)."""
     dp = {"candidate->reference": -0.4, "reference->last": -0.6, "candidate->option": -0.4, "option->last": -0.01}
     s = flow.summarize({"flow": _planted(dp)})
-    assert (s.multiclip_items, s.multiclip_correct, s.multiclip_accuracy, s.multiclip_chance) == (8, 6, 0.75, 0.5)
+    assert (s.n_multiclip, s.n_multiclip_correct, s.multiclip_accuracy, s.multiclip_chance) == (8, 6, 0.75, 0.5)
     ref = s.paths["reference"]["hops"]["reference->last"]
     assert ref["start"] == 1 and ref["n"] == 6 and ref["low"] <= ref["dp"] == -0.6 <= ref["high"] < 0
     assert s.paths["reference"]["shows"] is True and s.paths["option"]["shows"] is False
@@ -283,7 +283,7 @@ def test_flow_on_several_clips_end_to_end_on_the_organism(organism_multiclip):
     per_item = df.drop_duplicates("id").set_index("id")
     assert per_item.correct_base.to_dict() == right
     s = flow.summarize(tabs)
-    assert s.multiclip_items == 6 and s.multiclip_correct == sum(right.values()) and s.multiclip_chance == 0.5
+    assert s.n_multiclip == 6 and s.n_multiclip_correct == sum(right.values()) and s.multiclip_chance == 0.5
     assert set(s.paths) == {"reference", "option"}
     for path in s.paths.values():
         assert path["shows"] in (True, False, None)
@@ -295,7 +295,7 @@ def test_flow_on_several_clips_end_to_end_on_the_organism(organism_multiclip):
     assert ((df.target_clip == df.expected.astype(int) - 1) & (df.n_clips == 2)).all()
     assert flow.plot({"vision-heavy": tabs}).axes
     (finding,) = [f for f in flow.findings({"m": s}) if "parallel paths" in f.claim]
-    assert f"right clip {s.multiclip_correct} of 6" in finding.measured
+    assert f"right clip {s.n_multiclip_correct} of 6" in finding.measured
     docs = documented_columns()
     missing = set(df.columns) - docs["flow.flow"] - docs["common"] - {"model"}
     assert not missing, f"flow.flow: columns {sorted(missing)} are not documented"

@@ -315,7 +315,7 @@ class Summary:
     targets: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
     baselines: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
     fastv_minus_random: dict[str, float | None] = field(default_factory=dict)
-    max_dp: float = MEANINGFUL_DP
+    max_dp: float | None = None
     fastv_layer: int | None = None
     n_layers: int | None = None
     n_dev: int = 0

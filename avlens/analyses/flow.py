@@ -521,8 +521,8 @@ class Summary:
     dp of question->last on factual clips pooled over question kinds (its strongest window), with
     ``question_last_start``. ``n_layers``, ``window``: the sweep; ``n_items``: items.
 
-    Several clips (their edges are under ``edges["which"]["multiclip"]``): ``multiclip_items``, how many were
-    asked; ``multiclip_correct``, how many the model answered right without knockout (the only ones dp is
+    Several clips (their edges are under ``edges["which"]["multiclip"]``): ``n_multiclip``, how many were
+    asked; ``n_multiclip_correct``, how many the model answered right without knockout (the only ones dp is
     measured on), ``multiclip_accuracy`` their share and ``multiclip_chance`` that of a guess (1 / clips, over
     the prompts whose target clip is known); ``paths``: each of P3's two paths (:data:`PATHS`) -> ``hops`` (edge
     -> its strongest window, as in ``edges``) and ``shows`` (True when every hop lowers the right answer: dp <=
@@ -535,8 +535,8 @@ class Summary:
     n_layers: int | None = None
     window: int | None = None
     n_items: int = 0
-    multiclip_items: int = 0
-    multiclip_correct: int = 0
+    n_multiclip: int = 0
+    n_multiclip_correct: int = 0
     multiclip_accuracy: float | None = None
     multiclip_chance: float | None = None
     paths: dict[str, dict] = field(default_factory=dict)
@@ -584,8 +584,8 @@ def _multiclip_summary(flow: pd.DataFrame, edges: dict) -> dict:
         measured = all(r.get("dp") is not None for r in rs.values())
         paths[name] = {"hops": rs, "shows": all(_lowers(r) for r in rs.values()) if measured else None}
     return {
-        "multiclip_items": len(per_item),
-        "multiclip_correct": int(right.sum()),
+        "n_multiclip": len(per_item),
+        "n_multiclip_correct": int(right.sum()),
         "multiclip_accuracy": num(right.mean(), 3),
         "multiclip_chance": num((1 / clips).mean(), 3) if clips is not None and clips.notna().any() else None,
         "paths": paths,
@@ -630,7 +630,7 @@ def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
                     "lowers the answer": None if r.get("dp") is None else _lowers(r),
                     "path shows": path["shows"],
                     "n (correct items)": r.get("n", 0),
-                    "n (all items)": s.multiclip_items,
+                    "n (all items)": s.n_multiclip,
                 }
     if not paths:
         return [out]
@@ -844,7 +844,7 @@ def _paths_finding(summaries: dict[str, Summary]) -> Finding:
     """P3's two parallel paths with several clips, hop by hop, with how often the model picked the right clip."""
     parts, calls = [], []
     for m, s in summaries.items():
-        if not s.multiclip_items:
+        if not s.n_multiclip:
             continue
         by = _peak_all(s)
         hops = "; ".join(
@@ -852,11 +852,11 @@ def _paths_finding(summaries: dict[str, Summary]) -> Finding:
         )
         extra = ", ".join(f"{e} {_fmt(by.get(e, {}))}" for e in ("question->last", "target->last", "distractor->last"))
         parts.append(
-            f"{m}: right clip {s.multiclip_correct} of {s.multiclip_items} ({pct(s.multiclip_accuracy)}; a guess: "
+            f"{m}: right clip {s.n_multiclip_correct} of {s.n_multiclip} ({pct(s.multiclip_accuracy)}; a guess: "
             f"{pct(s.multiclip_chance)}); {hops}; {extra}"
         )
         shown = [p["shows"] for p in s.paths.values()]
-        if s.multiclip_correct == 0 or all(x is None for x in shown):
+        if s.n_multiclip_correct == 0 or all(x is None for x in shown):
             calls.append(None)
         else:
             calls.append("agrees" if all(shown) else "partly" if any(shown) else "disagrees")
