@@ -394,7 +394,8 @@ def plot(tables_by_model: dict[str, dict[str, pd.DataFrame]]) -> Figure:
         right.set_ylim(-0.05, 1.05)
         if df.empty:
             continue
-        left.axhspan(-MEANINGFUL_DP, MEANINGFUL_DP, color="#dddddd", label=f"|dp| < {MEANINGFUL_DP}")
+        bound = float(df.max_dp.iloc[0])
+        left.axhspan(-bound, bound, color="#dddddd", label=f"|dp| < {bound:g}")
         dp = dp_map(df[df.split == "dev"])
         test = df[df.split == "test"]
         for target in [x for x in df.target.unique() if x not in (FASTV, RANDOM)]:
