@@ -21,7 +21,7 @@ import ast
 import json
 import re
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -274,31 +274,10 @@ def av_odyssey(
     lettered A, B, C... in order, an answer that is none of the letters, a repeated ``question_id`` or a medium
     whose file is missing make the item a problem line (naming the file) and the others are written.
     """
-    root, out_dir = Path(root), Path(out_dir)
-    files = _item_files(root, (".parquet", ".jsonl", ".json"), "AV-Odyssey")
-    base = root if root.is_dir() else root.parent
-    problems: list[dict] = []
-    records: list[dict] = []
-    seen: set[str] = set()
-    items = list(_read_items(files, problems))
-    for n, (f, k, item) in enumerate(items):
-        if progress is not None:
-            progress(n, len(items))
-        row_id = f"{f.stem}-{k}"
-        try:
-            if not isinstance(item, dict):
-                raise _Unusable("not an item (a JSON object)", f)
-            row_id = _text(item.get("question_id")) or row_id
-            if row_id in seen:
-                raise _Unusable(f"question_id {row_id!r} repeats an earlier item's", f)
-            records.append(_odyssey_row(item, row_id, f, base, out_dir, instruction))
-            seen.add(row_id)
-        except _Unusable as e:
-            problems.append({"id": row_id, "file": e.file, "reason": e.reason})
-    if progress is not None:
-        progress(len(items), len(items))
-    path = write_manifest(pd.DataFrame.from_records(records), out_dir / "manifest.jsonl")
-    return BuildReport(len(records), problems, path, files={"manifest": path}, counts={"items": len(records)})
+    suffixes = (".parquet", ".jsonl", ".json")
+    return _convert(
+        root, out_dir, suffixes, "AV-Odyssey", ("question_id",), "question_id", _odyssey_row, instruction, progress
+    )
 
 
 def av_speakerbench(
@@ -330,8 +309,36 @@ def av_speakerbench(
     of the letters, a repeated question id or a missing clip make the item a problem line (naming the file) and
     the others are written.
     """
+    return _convert(
+        root,
+        out_dir,
+        (".parquet", ".csv", ".jsonl", ".json"),
+        "AV-SpeakerBench",
+        ("question_id", "id"),
+        "question id",
+        _speakerbench_row,
+        instruction,
+        progress,
+    )
+
+
+def _convert(
+    root: str | Path,
+    out_dir: str | Path,
+    suffixes: tuple[str, ...],
+    benchmark: str,
+    id_keys: tuple[str, ...],
+    id_name: str,
+    make_row: Callable[[dict, str, Path, Path, Path, str], dict],
+    instruction: str,
+    progress: Progress | None,
+) -> BuildReport:
+    """The item files under ``root`` as ``out_dir/manifest.jsonl``: one row per item by ``make_row(item, id, file,
+    media base, out_dir, instruction)`` (which raises _Unusable), ids from the first of ``id_keys`` an item has
+    (else ``<file stem>-<k>``; ``id_name`` in the message of a repeated one), unusable and repeated items one problem
+    line each."""
     root, out_dir = Path(root), Path(out_dir)
-    files = _item_files(root, (".parquet", ".csv", ".jsonl", ".json"), "AV-SpeakerBench")
+    files = _item_files(root, suffixes, benchmark)
     base = root if root.is_dir() else root.parent
     problems: list[dict] = []
     records: list[dict] = []
@@ -344,10 +351,10 @@ def av_speakerbench(
         try:
             if not isinstance(item, dict):
                 raise _Unusable("not an item (a JSON object)", f)
-            row_id = _text(item.get("question_id")) or _text(item.get("id")) or row_id
+            row_id = next((t for key in id_keys if (t := _text(item.get(key)))), row_id)
             if row_id in seen:
-                raise _Unusable(f"question id {row_id!r} repeats an earlier item's", f)
-            records.append(_speakerbench_row(item, row_id, f, base, out_dir, instruction))
+                raise _Unusable(f"{id_name} {row_id!r} repeats an earlier item's", f)
+            records.append(make_row(item, row_id, f, base, out_dir, instruction))
             seen.add(row_id)
         except _Unusable as e:
             problems.append({"id": row_id, "file": e.file, "reason": e.reason})
