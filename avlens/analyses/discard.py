@@ -50,7 +50,7 @@ from .causal_trace import mean_ci
 from .common import Item, LabelTokens, Readout, batches, split_of
 from .flow import MEANINGFUL_DP
 from .plotting import layer_axis, legend_outside
-from .tables import object_frame
+from .tables import interval, object_frame
 
 NAME = "discard"
 BASELINE = "baseline"
@@ -428,7 +428,7 @@ def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
                 "accuracy, no discarding (test)": r.get("accuracy_base"),
                 "accuracy, discarded (test)": r.get("accuracy"),
                 "change": r.get("accuracy_change"),
-                "change: 95% interval": _interval(r.get("acc_low"), r.get("acc_high")),
+                "change: 95% interval": interval(r.get("acc_low"), r.get("acc_high")),
                 "tokens dropped per item": r.get("dropped"),
                 "prefill speed-up": r.get("prefill_speedup"),
                 "decoding speed-up": r.get("decode_speedup"),
@@ -440,10 +440,6 @@ def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
         "FastV and random dropping at FastV's layer"
     )
     return [out]
-
-
-def _interval(lo: float | None, hi: float | None) -> str | None:
-    return None if lo is None or hi is None else f"[{lo:+.3f}, {hi:+.3f}]"
 
 
 def findings(summaries: dict[str, Summary]) -> list[Finding]:
@@ -461,7 +457,7 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
         parts.append(
             f"{m}: video+audio from layer {r['from_layer']} of {s.n_layers}: accuracy {r.get('accuracy_base')} -> "
             f"{r.get('accuracy')} (change {r.get('accuracy_change'):+.3f}, "
-            f"{_interval(r.get('acc_low'), r.get('acc_high'))}, n={r.get('n')}); prefill x{r.get('prefill_speedup')}, "
+            f"{interval(r.get('acc_low'), r.get('acc_high'))}, n={r.get('n')}); prefill x{r.get('prefill_speedup')}, "
             f"decoding x{r.get('decode_speedup')}"
         )
         change, low = r.get("accuracy_change"), r.get("acc_low")
@@ -494,7 +490,7 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
         f, rnd = s.baselines[FASTV], s.baselines[RANDOM]
         parts.append(
             f"{m}: FastV {f.get('accuracy_change'):+.3f}, random {rnd.get('accuracy_change'):+.3f} "
-            f"(FastV - random {d['difference']:+.3f} {_interval(d['low'], d['high'])}, n={d['n']})"
+            f"(FastV - random {d['difference']:+.3f} {interval(d['low'], d['high'])}, n={d['n']})"
         )
         calls.append("agrees" if d["low"] > 0 else "disagrees" if d["high"] < 0 else "partly")
     fastv = Finding(

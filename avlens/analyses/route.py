@@ -39,7 +39,7 @@ from .dominance import zeroed
 from .flow import blocked_pairs, edge_knockouts, parse_edge, with_other
 from .knockout import NAMES_AUDIO
 from .plotting import layer_axis, legend_outside
-from .tables import object_frame
+from .tables import interval, object_frame
 
 NAME = "route"
 BASELINE = "baseline"
@@ -443,7 +443,7 @@ def tables(summaries: dict[str, Summary]) -> list[pd.DataFrame]:
         for name, r in s.paths.items():
             prows[(model, name)] = {
                 "restored": r["restored"],
-                "95% interval": None if r["low"] is None else f"[{r['low']:+.3f}, {r['high']:+.3f}]",
+                "95% interval": interval(r["low"], r["high"]),
                 "answers with the picture": r["follows_visual"],
                 "n swapped": r["n"],
             }
@@ -499,7 +499,7 @@ def findings(summaries: dict[str, Summary]) -> list[Finding]:
             continue
         parts.append(
             f"{m}: restored from layer 0 by "
-            + ", ".join(f"{k} {r['restored']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]" for k, r in single.items())
+            + ", ".join(f"{k} {r['restored']:+.3f} {interval(r['low'], r['high'])}" for k, r in single.items())
             + (f"; all of them {s.paths[ALL_FROM_VIDEO]['restored']:+.3f}" if ALL_FROM_VIDEO in s.paths else "")
             + f" (n={q['n']})"
         )

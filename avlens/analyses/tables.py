@@ -20,3 +20,8 @@ def object_frame(rows: Mapping[Hashable, Mapping[Hashable, Any]]) -> pd.DataFram
     if columns and all(isinstance(c, tuple) for c in columns):
         out.columns = pd.MultiIndex.from_tuples(columns)
     return out
+
+
+def interval(low: float | None, high: float | None) -> str | None:
+    """A 95% interval as the report prints it, "[-0.120, +0.034]"; None when either end is not measured."""
+    return None if low is None or high is None else f"[{low:+.3f}, {high:+.3f}]"
