@@ -60,11 +60,15 @@ class Needs:
             gets it as ``base=``.
         generation: the analysis generates answers (slower; informational).
         dominance: the manifest must be a dominance split (``avlens data dominance``; informational).
+        store: collect takes ``store=`` (a :class:`avlens.store.Shard` for the unit, or None) and finalize takes
+            ``store=`` (the :class:`avlens.store.ActivationStore`, or None); with a store, vectors go to it
+            instead of the records.
     """
 
     base: bool = False
     generation: bool = False
     dominance: bool = False
+    store: bool = False
 
 
 @dataclass(frozen=True)

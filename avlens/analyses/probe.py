@@ -14,6 +14,12 @@ question, so pooling them would put copies of a test vector in the training fold
 
 Read the video site's audio-label probe with care on swapped clips: when the swap partner comes from another
 semantic group, the picture rules out some sounds, so the audio label is partly predictable from vision alone.
+
+Over large sets the vectors go to an activation store (:mod:`avlens.store`, ``avlens run probe --store DIR``)
+instead of the records: one shard per unit, one array per site and layer, and the probes of a layer are fitted
+from that layer's arrays alone, read back one shard at a time. A unit whose shard exists is not recomputed. A
+float32 store gives the same probes as the in-memory path; a float16 one rounds the vectors (about 3
+significant digits), so accuracies may differ slightly.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ..errors import AvlensError
 from ..models.base import Adapter
+from ..store import ActivationStore, Shard
 from ..trace import Capture, run
-from .base import Analysis, Finding, num, pct, verdict
+from .base import Analysis, Finding, Needs, num, pct, verdict
 from .common import Item, batches
 from .plotting import layer_axis, legend_outside
 
@@ -62,16 +70,24 @@ class Config:
     C: float = 1.0
 
 
-def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, list[dict]]:
+def collect(adapter: Adapter, items: list[Item], config: Config, store: Shard | None = None) -> dict[str, list[dict]]:
     """Residual features of a unit of items.
 
     Table ``features``: one row per item x site x layer with ``id``, ``condition``, ``question``,
     ``audio_label``, ``visual_label``, ``site``, ``layer`` and ``vector`` (float32 array (D,): the residual at
     the input of decoder layer ``layer``, averaged over the site's tokens). An item without tokens of a site (no
     audio, say) has no rows for that site. Table ``errors``: items that could not be built (id, condition, reason).
+
+    With ``store`` (the unit's shard of an activation store) the vectors go to the shard, one (rows, D) array
+    ``"<site>/<layer>"`` each, and ``vector`` is replaced by ``row`` (the record's row in that array) and
+    ``shard`` (the shard's name). If the shard exists already, nothing is run: its records (and errors) are
+    returned, once checked to be of the same items, prompts and sites.
     """
+    if store is not None and store.exists:
+        return _stored(store, items, config)
     caps = [Capture.residual(at=site, reduce="mean", name=site) for site in config.sites]
     rows, errors = [], []
+    arrays: dict[str, list[np.ndarray]] = {}  # "site/layer" -> its vectors (D,), in the order of their rows
     for chunk, inputs in batches(adapter, items, config.batch_size, errors):
         trace = run(adapter, inputs, capture=caps)
         for site in config.sites:
@@ -80,11 +96,43 @@ def collect(adapter: Adapter, items: list[Item], config: Config) -> dict[str, li
                 for b, it in enumerate(chunk):
                     if np.isnan(vectors[b]).any():
                         continue
-                    rows.append(it.record(site=site, layer=layer, vector=vectors[b]))
+                    if store is None:
+                        rows.append(it.record(site=site, layer=layer, vector=vectors[b]))
+                        continue
+                    array = arrays.setdefault(f"{site}/{layer}", [])
+                    rows.append(it.record(site=site, layer=layer, row=len(array), shard=store.name))
+                    array.append(vectors[b])
+    if store is not None:
+        stacked = {name: np.stack(vectors) for name, vectors in arrays.items()}
+        store.write(rows, stacked, meta={"errors": errors, **_identity(items, config)})
     return {"features": rows, "errors": errors}
 
 
-def finalize(tables: dict[str, pd.DataFrame], config: Config) -> dict[str, pd.DataFrame]:
+def _identity(items: list[Item], config: Config) -> dict:
+    """What a shard's vectors are of: the items (id -> prompt) and the sites, kept in its meta."""
+    return {"items": {it.id: it.sample.prompt for it in items}, "sites": list(config.sites)}
+
+
+def _stored(shard: Shard, items: list[Item], config: Config) -> dict[str, list[dict]]:
+    """The records of a unit from its shard, refused if the shard is of other items, prompts or sites."""
+    meta, given = shard.meta(), _identity(items, config)
+    differs = [what for what in ("items", "sites") if meta.get(what) != given[what]]
+    if differs:
+        raise AvlensError(
+            f"{shard.store.path}: shard {shard.name!r} holds the vectors of other {' and '.join(differs)} "
+            "than this unit's; use another --store"
+        )
+    return {"features": shard.rows(), "errors": meta.get("errors", [])}
+
+
+def store_vectors(config: Config, n_layers: int) -> int:
+    """The vectors (of the hidden size) one item puts in the store, at most: one per site and layer 0..n_layers."""
+    return len(config.sites) * (n_layers + 1)
+
+
+def finalize(
+    tables: dict[str, pd.DataFrame], config: Config, store: ActivationStore | None = None
+) -> dict[str, pd.DataFrame]:
     """Fit the probes; adds table ``probes``.
 
     One row per question x condition x site x layer x target x control with:
@@ -100,58 +148,103 @@ def finalize(tables: dict[str, pd.DataFrame], config: Config) -> dict[str, pd.Da
     ``control`` True is the same fit on labels shuffled with ``config.seed``. A slice with fewer than two classes
     left after dropping gives no row there but one row in table ``skipped`` (question, condition, site, target,
     n, n_classes, kept, dropped, reason), so that no probe disappears without a word.
+
+    With ``store`` (features collected into an activation store: ``row`` and ``shard`` instead of ``vector``),
+    the vectors are read from it one site and layer at a time, never all at once; from a float32 store the
+    tables are equal to the in-memory path's.
     """
     feats = tables["features"]
-    out, skipped = [], {}
-    for (question, condition, site, layer), df in feats.groupby(["question", "condition", "site", "layer"]):
-        df = df.sort_values("id")  # the same order whatever the units, so folds and shuffles are reproducible
-        for target in TARGETS:
-            labelled = df[df[target].notna()]
-            counts = labelled[target].value_counts()
-            kept = counts[counts >= config.folds]
-            dropped = ", ".join(f"{label} ({n})" for label, n in counts[counts < config.folds].sort_index().items())
-            if len(kept) < 2:
-                if counts.empty:  # nothing of this kind in the slice (nothing seen on audio-only clips...)
-                    continue
-                skipped[(question, condition, site, target)] = {
-                    "question": question,
-                    "condition": condition,
-                    "site": site,
-                    "target": target,
-                    "n": len(labelled),
-                    "n_classes": len(counts),
-                    "kept": ", ".join(f"{label} ({n})" for label, n in kept.sort_index().items()),
-                    "dropped": dropped,
-                    "reason": f"{len(kept)} class(es) with at least {config.folds} items (the folds); a probe needs 2",
-                }
-                continue
-            data = labelled[labelled[target].isin(kept.index)]
-            x = np.stack(data["vector"].to_numpy()).astype(np.float64)
-            y = data[target].to_numpy()
-            shuffled = np.random.default_rng(config.seed).permutation(y)
-            for control, labels in ((False, y), (True, shuffled)):
-                fit = cross_validate(x, labels, config)
-                out.append(
-                    {
-                        "question": question,
-                        "condition": condition,
-                        "site": site,
-                        "layer": int(layer),
-                        "target": target,
-                        "control": control,
-                        **fit,
-                        "chance": 1.0 / len(kept),
-                        "majority": float(kept.max() / kept.sum()),
-                        "n": len(y),
-                        "n_classes": len(kept),
-                        "dropped": dropped,
-                    }
-                )
+    out, skipped, first = [], {}, {}
+    # One site and layer at a time (its vectors read once for every question and condition); the rows are put
+    # back in (question, condition, site, layer) order at the end, so the tables do not depend on the loop.
+    for (site, layer), at in feats.groupby(["site", "layer"]):
+        at = at.reset_index(drop=True)
+        vectors = _vectors(at, f"{site}/{layer}", store)  # (len(at), D)
+        for (question, condition), df in at.groupby(["question", "condition"]):
+            df = df.sort_values("id")  # the same order whatever the units, so folds and shuffles are reproducible
+            _fit_slice(df, vectors, (question, condition, site, int(layer)), config, out, skipped, first)
+    out.sort(key=lambda r: (r["question"], r["condition"], r["site"], r["layer"]))  # stable: targets keep order
     return {
         **tables,
         "probes": pd.DataFrame(out, columns=PROBE_COLUMNS),
-        "skipped": pd.DataFrame(list(skipped.values()), columns=SKIPPED_COLUMNS),
+        "skipped": pd.DataFrame([skipped[k] for k in sorted(skipped, key=first.get)], columns=SKIPPED_COLUMNS),
     }
+
+
+def _vectors(at: pd.DataFrame, array: str, store: ActivationStore | None) -> np.ndarray:
+    """The vectors of the rows of one site and layer, (len(at), D): their ``vector`` column, or, with a store,
+    their ``row`` of array ``array`` in their ``shard``, read one shard at a time."""
+    if store is None:
+        if "vector" not in at:
+            raise AvlensError("probe features carry no vectors (they were collected into an activation store)")
+        return np.stack(at["vector"].to_numpy())
+    if "shard" not in at:
+        raise AvlensError("probe features carry no shard and row: they were not collected into an activation store")
+    rows, vectors = at["row"].to_numpy(), None
+    for shard, positions in at.groupby("shard").indices.items():
+        part = store.shard(shard).array(array)[rows[positions]]
+        if vectors is None:
+            vectors = np.empty((len(at), part.shape[1]), np.float32)
+        vectors[positions] = part
+    return vectors
+
+
+def _fit_slice(
+    df: pd.DataFrame,
+    vectors: np.ndarray,
+    key: tuple[str, str, str, int],
+    config: Config,
+    out: list[dict],
+    skipped: dict,
+    first: dict,
+) -> None:
+    """The probes of one question, condition, site and layer (``key``) from the rows ``df`` of ``vectors``: rows
+    appended to ``out``, or the slices that cannot be fitted to ``skipped`` (the highest layer's reasons, in the
+    order of the (question, condition, site, layer, target) where each was first skipped, kept in ``first``)."""
+    question, condition, site, layer = key
+    for target in TARGETS:
+        labelled = df[df[target].notna()]
+        counts = labelled[target].value_counts()
+        kept = counts[counts >= config.folds]
+        dropped = ", ".join(f"{label} ({n})" for label, n in counts[counts < config.folds].sort_index().items())
+        if len(kept) < 2:
+            if counts.empty:  # nothing of this kind in the slice (nothing seen on audio-only clips...)
+                continue
+            first.setdefault((question, condition, site, target), (*key, TARGETS.index(target)))
+            skipped[(question, condition, site, target)] = {
+                "question": question,
+                "condition": condition,
+                "site": site,
+                "target": target,
+                "n": len(labelled),
+                "n_classes": len(counts),
+                "kept": ", ".join(f"{label} ({n})" for label, n in kept.sort_index().items()),
+                "dropped": dropped,
+                "reason": f"{len(kept)} class(es) with at least {config.folds} items (the folds); a probe needs 2",
+            }
+            continue
+        data = labelled[labelled[target].isin(kept.index)]
+        x = vectors[data.index.to_numpy()].astype(np.float64)  # (n, D), in the order of df (sorted by id)
+        y = data[target].to_numpy()
+        shuffled = np.random.default_rng(config.seed).permutation(y)
+        for control, labels in ((False, y), (True, shuffled)):
+            fit = cross_validate(x, labels, config)
+            out.append(
+                {
+                    "question": question,
+                    "condition": condition,
+                    "site": site,
+                    "layer": layer,
+                    "target": target,
+                    "control": control,
+                    **fit,
+                    "chance": 1.0 / len(kept),
+                    "majority": float(kept.max() / kept.sum()),
+                    "n": len(y),
+                    "n_classes": len(kept),
+                    "dropped": dropped,
+                }
+            )
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
@@ -400,5 +493,6 @@ SPEC = Analysis(
     default_config=Config(
         questions={"hear": "What do you hear?"}, conditions=("factual", "swapped"), folds=4
     ),  # 4 clips a class
+    needs=Needs(store=True),
     about=__doc__,
 )
