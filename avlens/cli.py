@@ -335,6 +335,20 @@ def run_command(
             "audio and visual labels), or any KIND with an expect_KIND column in the manifest.",
         ),
     ] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            help="An activation store directory for analyses that keep vectors (probe): filled by this run, or "
+            "reused by a later one instead of recomputing."
+        ),
+    ] = None,
+    store_dtype: Annotated[str, typer.Option(help="float32 or float16 (half the size) for a new --store.")] = (
+        "float32"
+    ),
+    executor: ExecutorOption = "local",
+    workers: WorkersOption = 2,
+    gpus_per_worker: GpusOption = 0.0,
+    address: AddressOption = None,
 ) -> None:
     """Run one analysis on one model over a manifest; records go to OUT/results/*.parquet, figures and
     headline numbers to OUT/summary.json and OUT/report.html. Rows that fail are listed at the end (and kept
@@ -347,7 +361,8 @@ def run_command(
         if m is not None and m != "organism" and not m.startswith("organism:"):
             _refuse_before_importing_torch(m)  # a wrong name fails before the seconds torch takes to import
     from .analyses import get, strict_json
-    from .reproduce import check_needs, execute, model_hash
+    from .executors import make_executor
+    from .reproduce import check_needs, execute
 
     spec = get(name)
     config = spec.config()
@@ -357,24 +372,44 @@ def run_command(
             config, **({"questions": pairs} if hasattr(config, "questions") else {"question": pairs.popitem()[1]})
         )
     check_needs(spec, base=base)
-    adapter = load(model)
-    base_adapter = load(base) if base else None
+    _check_executor(executor, workers, gpus_per_worker, address)
+    if store_dtype not in ("float32", "float16"):
+        raise InputError(f"--store-dtype: {store_dtype!r} is not float32 or float16")
+    if store is not None and not spec.needs.store:
+        raise InputError(f"--store: {name} keeps no vectors (analyses with a store: probe)")
     run_config = {"analysis": name, "model": model, "base": base, "data": str(data), "config": asdict(config)}
-    meta = {"model_sha256": model_hash(adapter)}
-    with _Bars() as bars:
-        result = execute(
-            out,
-            {"models": {"model": model}, **run_config},
-            meta,
-            {name: config},
-            {"model": adapter},
-            data,
-            base=base_adapter,
-            progress=bars,
-            log=_say,
-        )
+    if store is not None:  # where vectors live changes the records (a row index instead of the vector)
+        run_config["store"] = {"dtype": store_dtype}
+    runner = make_executor(
+        executor,
+        {"model": model},
+        base,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        address=address,
+        load=load,
+    )
+    try:
+        meta = {"model_sha256": runner.model_hashes()["model"]}
+        with _Bars() as bars:
+            result = execute(
+                out,
+                {"models": {"model": model}, **run_config},
+                meta,
+                {name: config},
+                None,
+                data,
+                progress=bars,
+                log=_say,
+                executor=runner,
+                store=store,
+                store_dtype=store_dtype,
+            )
+    finally:
+        runner.close()
     _failed_rows(out)
     console.print_json(json.dumps(strict_json(result.summary), allow_nan=False))
+    _failed_units(result)
 
 
 def _say(message: str) -> None:
@@ -440,6 +475,39 @@ def _failed_rows(out: Path, limit: int = 10) -> None:
         _say(f"  ... {len(seen) - limit} more")
 
 
+ExecutorOption = Annotated[
+    str,
+    typer.Option(help="Where units run: local (this process) or ray (Ray actors; pip install 'avlens[ray]')."),
+]
+WorkersOption = Annotated[int, typer.Option(help="With --executor ray: workers, each holding the models once.")]
+GpusOption = Annotated[float, typer.Option(help="With --executor ray: GPUs per worker (0: CPU only).")]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(help="With --executor ray: an existing cluster (ray://HOST:10001 or auto); default: a local one."),
+]
+
+
+def _failed_units(result: Any) -> None:
+    """One line per unit that failed after its retry (kept in OUT/failed/), and exit status 2 if any did."""
+    if not result.failed:
+        return
+    _say(f"{len(result.failed)} unit(s) failed after a retry (details in {result.out}/failed/; re-run to retry):")
+    for unit, info in result.failed.items():
+        _say(f"  {unit}: {info['reason']}")
+    raise typer.Exit(2)
+
+
+def _check_executor(executor: str, workers: int, gpus_per_worker: float, address: str | None) -> None:
+    from .executors import EXECUTORS
+
+    if executor not in EXECUTORS:
+        raise InputError(f"--executor: unknown executor {executor!r} (choose {' or '.join(EXECUTORS)})")
+    if executor == "local" and (address is not None or gpus_per_worker):
+        raise InputError("--address and --gpus-per-worker are options of --executor ray")
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+
+
 @app.command(epilog="Example: avlens reproduce --out avlens-reproduce --clips 24")
 @fails_cleanly
 def reproduce(
@@ -456,6 +524,10 @@ def reproduce(
     ] = None,
     clips: Annotated[int, typer.Option(help="Held-out organism clips to build the counterfactual set from.")] = 48,
     seed: Annotated[int, typer.Option(help="Seed of the held-out clips.")] = 0,
+    executor: ExecutorOption = "local",
+    workers: WorkersOption = 2,
+    gpus_per_worker: GpusOption = 0.0,
+    address: AddressOption = None,
 ) -> None:
     """Reproduce "Do audio-visual LLMs really see and hear?" (P1): counterfactual evaluation, probes, logit lens,
     knockout sweeps, token shift and attention share, by default on the organism's vision-heavy and balanced
@@ -467,6 +539,7 @@ def reproduce(
         if "=" not in m or not m.split("=", 1)[0].strip() or not m.split("=", 1)[1].strip():
             raise InputError(f"--model takes LABEL=MODEL (e.g. --model mine=organism:av-balanced), got {m!r}")
     models = dict(m.split("=", 1) for m in model) if model else None
+    _check_executor(executor, workers, gpus_per_worker, address)
     with _Bars() as bars:
         result = run_reproduce(
             out,
@@ -477,9 +550,14 @@ def reproduce(
             seed=seed,
             progress=bars,
             log=_say,
+            executor=executor,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            address=address,
         )
     _failed_rows(result.out)
     console.print(f"report: {result.report}")
+    _failed_units(result)
 
 
 def _problems(report: Any, limit: int = 10) -> None:

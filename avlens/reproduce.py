@@ -9,9 +9,8 @@ records are written atomically when it finishes, so a killed run resumes where i
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from .analyses import Analysis, get, specs, strict_json
 from .analyses.common import Item, items_from_manifest
 from .data.manifest import manifest_content
 from .errors import InputError
+from .executors import Executor, LocalExecutor, Unit, make_executor
 from .models.base import Adapter
 from .runs import RunDir
 
@@ -38,28 +38,14 @@ def default_configs() -> dict[str, Any]:
     return {spec.name: spec.config() for paper in PAPERS for spec in specs(paper=paper)}
 
 
-def check_needs(spec: Analysis, *, base: object | None) -> None:
-    """Refuse an analysis whose declared needs are not met (one line, naming what is missing)."""
-    if spec.needs.base and base is None:
+def check_needs(spec: Analysis, *, base: object) -> None:
+    """Refuse an analysis whose declared needs are not met (one line, naming what is missing); ``base``: the base
+    model, its name, or whether there is one."""
+    if spec.needs.base and not base:
         raise InputError(
             f"{spec.name} needs a base model: give --base, the vision-language model the audio-visual model was "
             f"built from (for the organism: --base {ORGANISM_BASE})"
         )
-
-
-def model_hash(adapter: Adapter) -> str:
-    """sha256 of the checkpoint's weights file (or of the in-memory state, for a model built in code)."""
-    path = Path(adapter.source) / "model.safetensors" if adapter.source else None
-    h = hashlib.sha256()
-    if path is not None and path.exists():
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    else:
-        for k, v in sorted(adapter.model.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def plan_units(name: str, config: Any, manifest: Path, labels: Sequence[str]) -> dict[str, dict[str, list[Item]]]:
@@ -83,47 +69,66 @@ def run_analysis(
     run: RunDir,
     name: str,
     config: Any,
-    models: Mapping[str, Adapter],
+    executor: Executor,
     manifest: Path,
     *,
-    base: Adapter | None = None,
     progress: Progress | None = None,
     units: dict[str, dict[str, list[Item]]] | None = None,
+    stores: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, pd.DataFrame]]:
-    """Run one analysis on every model, unit by unit (finished units are skipped); returns model -> tables.
+    """Run one analysis on every model of the executor, unit by unit (finished units are skipped); returns model ->
+    tables.
 
-    ``progress(task, items done, items)`` is called before the first unit and after every unit.
+    ``progress(task, items done, items)`` is called per model before the first unit and after every unit, in
+    the order units finish (on several workers, not the order they were planned in). A unit that fails after its
+    retry is recorded with :meth:`RunDir.fail` and the rest goes on. ``stores``: model label -> activation store
+    directory, for analyses that keep their vectors in one.
     """
     spec = get(name)
-    check_needs(spec, base=base)
-    units = units if units is not None else plan_units(name, config, manifest, list(models))
-    out: dict[str, dict[str, pd.DataFrame]] = {}
-    for label, adapter in models.items():
-        task = f"{name} · {label}"
-        total = sum(len(u) for u in units[label].values())
-        done = 0
-        if progress is not None:
-            progress(task, done, total)
+    check_needs(spec, base=executor.has_base)
+    units = units if units is not None else plan_units(name, config, manifest, executor.labels)
+    store_of = dict(stores or {}) if spec.needs.store else {}
+    done = {label: 0 for label in executor.labels}
+    total = {label: sum(len(u) for u in units[label].values()) for label in executor.labels}
+    pending = []
+    for label in executor.labels:
         for unit, unit_items in units[label].items():
-            if not run.done(unit):
-                run.write_many(unit, _collect(spec, adapter, unit_items, config, base, label))
-            done += len(unit_items)
-            if progress is not None:
-                progress(task, done, total)
+            if run.done(unit):
+                done[label] += len(unit_items)
+            else:
+                pending.append(Unit(unit, name, label, tuple(unit_items), config, store_of.get(label)))
+
+    def tick(unit: Unit) -> None:
+        done[unit.model] += len(unit.items)
+        if progress is not None:
+            progress(f"{name} · {unit.model}", done[unit.model], total[unit.model])
+
+    def finished(unit: Unit, tables: dict[str, list[dict]]) -> None:
+        run.write_many(unit.name, tables)
+        tick(unit)
+
+    def failed(unit: Unit, reason: str, detail: str) -> None:
+        run.fail(unit.name, reason, detail)
+        tick(unit)
+
+    if progress is not None:
+        for label in executor.labels:
+            progress(f"{name} · {label}", done[label], total[label])
+    executor.run(pending, finished, failed)
+    out: dict[str, dict[str, pd.DataFrame]] = {}
+    for label in executor.labels:
         tables = {t: _rows_of(run.table(f"{name}.{t}"), name, label) for t in _tables_of(run, name)}
         if spec.finalize is not None:
-            tables.update(spec.finalize(tables, config))
+            extra = {"store": _store(store_of[label])} if label in store_of else {}
+            tables.update(spec.finalize(tables, config, **extra))
         out[label] = tables
     return out
 
 
-def _collect(
-    spec: Analysis, adapter: Adapter, items: list[Item], config: Any, base: Adapter | None, label: str
-) -> dict[str, list[dict]]:
-    """One unit's records, each tagged with the model's label, in tables named ``<analysis>.<table>``."""
-    extra = {"base": base} if spec.needs.base else {}
-    tables = spec.collect(adapter, items, config, **extra)
-    return {f"{spec.name}.{t}": [{"model": label, **r} for r in rows] for t, rows in tables.items()}
+def _store(path: str) -> Any:
+    from .store import ActivationStore
+
+    return ActivationStore.load(path)
 
 
 def _tables_of(run: RunDir, name: str) -> list[str]:
@@ -137,11 +142,13 @@ def _rows_of(df: pd.DataFrame, name: str, model: str) -> pd.DataFrame:
 
 @dataclass
 class ReproduceResult:
-    """What a run wrote: its directory, analysis -> model -> Summary, and the report's path."""
+    """What a run wrote: its directory, analysis -> model -> Summary, the report's path, and the failed units."""
 
     out: Path
     summary: dict[str, dict[str, Any]]
     report: Path
+    failed: dict[str, dict] = field(default_factory=dict)
+    """Units that failed after their retry: unit -> {"unit", "reason", "detail"} (see RunDir.failures)."""
 
 
 def execute(
@@ -149,12 +156,15 @@ def execute(
     run_config: dict,
     meta: dict,
     configs: Mapping[str, Any],
-    models: Mapping[str, Adapter],
+    models: Mapping[str, Adapter] | None,
     data: Path | Callable[[], Path],
     *,
     base: Adapter | None = None,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
+    store: Path | None = None,
+    store_dtype: str = "float32",
 ) -> ReproduceResult:
     """Run analyses into the run directory ``out`` and write its summary.json and report.html.
 
@@ -163,17 +173,22 @@ def execute(
             its ``models`` maps each label to the model's name, for the report.
         meta: provenance recorded beside it (model hashes...).
         configs: analysis name -> its Config, run in this order.
-        models: label -> loaded model.
+        models: label -> loaded model, computed here (ignored when ``executor`` is given).
         data: the manifest, or a function building it (called once the run directory is open).
         base: the base model, for analyses that need one.
         progress: ``progress(task, items done, items)``, per analysis and model.
-        log: called with one-line messages for the user (what a resume skips).
+        log: called with one-line messages for the user (what a resume skips, the store's size).
+        executor: where units are computed (default: :class:`LocalExecutor` on ``models`` and ``base``).
+        store: an activation store directory (one sub-directory per model) for analyses that keep vectors in
+            one (probe): written by the run, or reused if it holds them already; ``store_dtype`` float32 or
+            float16.
 
     Raises:
         KeyboardInterrupt: on Ctrl-C, with a message saying how many units were saved and how to resume.
     """
+    executor = executor if executor is not None else LocalExecutor(models or {}, base)
     for name in configs:
-        check_needs(get(name), base=base)
+        check_needs(get(name), base=executor.has_base)
     content = None
     if not callable(data):
         # The run's identity is what the manifest holds, not the path it was typed as (see RunDir.bind_data).
@@ -184,13 +199,16 @@ def execute(
         manifest = Path(data) if not callable(data) else data()
         if content is None:
             run.bind_data(manifest_content(manifest))
-        plans = {name: plan_units(name, config, manifest, list(models)) for name, config in configs.items()}
+        plans = {name: plan_units(name, config, manifest, executor.labels) for name, config in configs.items()}
         names = [u for plan in plans.values() for per in plan.values() for u in per]
         if any(run.done(u) for u in names):
             say(f"resuming: {sum(map(run.done, names))} of {len(names)} units already done, skipped")
+        stores = _open_stores(store, store_dtype, meta, configs, plans, executor, say) if store else None
         try:
             results = {
-                name: run_analysis(run, name, config, models, manifest, base=base, progress=progress, units=plans[name])
+                name: run_analysis(
+                    run, name, config, executor, manifest, progress=progress, units=plans[name], stores=stores
+                )
                 for name, config in configs.items()
             }
         except KeyboardInterrupt:
@@ -205,7 +223,43 @@ def execute(
         report = build_report(Path(out) / "report.html", results, summary, run_config, meta)
         run.consolidate()
         _write_finalized(run, results)
-    return ReproduceResult(Path(out), summary, report)
+        failed = run.failures()
+    return ReproduceResult(Path(out), summary, report, failed)
+
+
+def _open_stores(
+    root: Path,
+    dtype: str,
+    meta: dict,
+    configs: Mapping[str, Any],
+    plans: Mapping[str, dict[str, dict[str, list[Item]]]],
+    executor: Executor,
+    say: Callable[[str], None],
+) -> dict[str, str]:
+    """One activation store per model under ``root`` (bound to the model's weights), and their size said first."""
+    from .store import ActivationStore, estimate_bytes
+
+    hashes = meta.get("model_sha256", {})
+    hashes = hashes if isinstance(hashes, dict) else dict.fromkeys(executor.labels, hashes)
+    stores = {}
+    for label in executor.labels:
+        path = Path(root) / label
+        ActivationStore.open(path, model_sha256=hashes.get(label, ""), dtype=dtype)
+        stores[label] = str(path)
+    dims = executor.model_dims()
+    for name, config in configs.items():
+        spec = get(name)
+        if not spec.needs.store or spec.store_vectors is None:
+            continue
+        for label in executor.labels:
+            n_layers, hidden = dims[label]
+            n = sum(len(items) for items in plans[name][label].values())
+            per = estimate_bytes(1, spec.store_vectors(config, n_layers), hidden, dtype)
+            say(
+                f"activation store {stores[label]}: {per / 1e6:.3f} MB per sample, {per * n / 1e6:.1f} MB for "
+                f"{n} samples of {name} ({dtype})"
+            )
+    return stores
 
 
 def _write_finalized(run: RunDir, results: Mapping[str, Mapping[str, dict[str, pd.DataFrame]]]) -> None:
@@ -231,6 +285,10 @@ def reproduce(
     seed: int = 0,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    executor: str = "local",
+    workers: int = 2,
+    gpus_per_worker: float = 0.0,
+    address: str | None = None,
 ) -> ReproduceResult:
     """Run P1's and P2's analyses on the models (default: the organism's vision-heavy and balanced checkpoints, side by
     side) and write ``out``: run.json, results/*.parquet, summary.json, report.html.
@@ -241,6 +299,8 @@ def reproduce(
         data: a counterfactual manifest (``avlens data counterfactual``); default: built from a held-out world
             of the organism (``n_clips`` clips, ``seed``) under ``out/data``.
         analyses: names in the registry (default: every analysis of P1, P2 and P3), each with its spec's default config.
+        executor: ``local`` (this process) or ``ray`` (``workers`` Ray actors with ``gpus_per_worker`` GPUs each,
+            on the cluster at ``address`` or a local one); see :mod:`avlens.executors`.
     """
     from . import load
 
@@ -262,13 +322,18 @@ def reproduce(
         "analyses": {n: asdict(c) for n, c in configs.items()},
         "seed": seed,
     }
-    adapters = {label: load(m) for label, m in models.items()}
-    base_adapter = load(base) if base else None
-    meta = {"model_sha256": {label: model_hash(a) for label, a in adapters.items()}}
-    if base_adapter is not None:
-        meta["base_sha256"] = model_hash(base_adapter)
-    manifest = Path(data) if data else lambda: _organism_data(Path(out) / "data", n_clips, seed, progress)
-    return execute(out, config, meta, configs, adapters, manifest, base=base_adapter, progress=progress, log=log)
+    runner = make_executor(
+        executor, models, base, workers=workers, gpus_per_worker=gpus_per_worker, address=address, load=load
+    )
+    try:
+        hashes = runner.model_hashes()
+        meta = {"model_sha256": {label: hashes[label] for label in models}}
+        if base:
+            meta["base_sha256"] = hashes["base"]
+        manifest = Path(data) if data else lambda: _organism_data(Path(out) / "data", n_clips, seed, progress)
+        return execute(out, config, meta, configs, None, manifest, progress=progress, log=log, executor=runner)
+    finally:
+        runner.close()
 
 
 def _organism_data(root: Path, n_clips: int, seed: int, progress: Progress | None) -> Path:

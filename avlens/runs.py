@@ -19,6 +19,7 @@ Layout::
     <out>/units/<unit>/<table>.parquet    the records of one unit, one shard per table
     <out>/results/<table>.parquet         every shard of a table in one file (written by consolidate)
     <out>/<name>.json                     write_json (summary.json...)
+    <out>/failed/<unit>.json              a unit that failed after its retry: its reason (tried again on resume)
 
 Why a unit is a directory: the shards of a unit must appear all together or not at all. They are written
 into a temporary directory ``units/.tmp-*``, each file fsynced, and the directory is then renamed to
@@ -332,7 +333,7 @@ class RunDir:
 
     def _clean_temporaries(self) -> None:
         """Delete what a killed run left half-written: it is never read, and would pile up otherwise."""
-        for folder in (self.path, self.path / "units", self.path / "results"):
+        for folder in (self.path, self.path / "units", self.path / "results", self.path / "failed"):
             if not folder.is_dir():
                 continue
             for p in folder.glob(TMP_PREFIX + "*"):
@@ -418,6 +419,25 @@ class RunDir:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(units)
+        (self.path / "failed" / f"{key}.json").unlink(missing_ok=True)  # an earlier failure is now done
+
+    def fail(self, unit: str, reason: str, detail: str = "") -> None:
+        """Record that ``unit`` failed (after its retries), with a one-line ``reason`` and a ``detail`` such as
+        a traceback, in ``failed/<unit>.json``. The unit stays not done: a resumed run tries it again, and a
+        success removes the record."""
+        if self._lock_fd is None:
+            raise AvlensError(f"{self.path} is not open for writing: use RunDir.open(path, config)")
+        folder = self.path / "failed"
+        folder.mkdir(exist_ok=True)
+        _atomic_write_json(folder / f"{unit_key(unit)}.json", {"unit": unit, "reason": reason, "detail": detail})
+
+    def failures(self) -> dict[str, dict]:
+        """The units recorded as failed and not done since: unit -> {"unit", "reason", "detail"}, by unit name."""
+        folder = self.path / "failed"
+        if not folder.is_dir():
+            return {}
+        found = [json.loads(p.read_text()) for p in folder.glob("*.json") if not p.name.startswith(".")]
+        return {f["unit"]: f for f in sorted(found, key=lambda f: f["unit"]) if not self.done(f["unit"])}
 
     def _check_columns(self, table: str, data: pa.Table) -> None:
         """Refuse records whose columns differ from the table's other shards (a table is one tidy frame)."""

@@ -93,6 +93,8 @@ class Analysis:
             otherwise lists the summary's fields).
         needs: see :class:`Needs`.
         paper: the paper the claim is from ("P1": arXiv 2604.02605).
+        store_vectors: ``(config, n_layers) -> n``, the vectors of the hidden size one item puts in the activation
+            store (analyses with ``needs.store``), so that the store's size is said before a run starts.
         about: a paragraph for the report (default: the collect function's module docstring).
     """
 
@@ -112,6 +114,7 @@ class Analysis:
     needs: Needs = field(default_factory=Needs)
     paper: str = "P1"
     about: str = ""
+    store_vectors: Callable[[Any, int], int] | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):

@@ -494,5 +494,6 @@ SPEC = Analysis(
         questions={"hear": "What do you hear?"}, conditions=("factual", "swapped"), folds=4
     ),  # 4 clips a class
     needs=Needs(store=True),
+    store_vectors=store_vectors,
     about=__doc__,
 )

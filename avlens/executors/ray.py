@@ -1,0 +1,212 @@
+"""The Ray executor: units on Ray actors that load the models once and keep them (``--executor ray``).
+
+Each of ``workers`` actors holds every model of the run (and the base, if an analysis needs it), loaded on its
+first unit; a unit is sent to an idle actor, and its records come back to the driver, which writes them into the
+run directory, so a Ray run writes exactly what a local run does. Faults:
+
+- a worker that dies (killed, out of memory) loses only the unit it was computing: a new worker takes its place
+  and the unit is sent again (up to :data:`MAX_CRASHES` times, then it is recorded as failed);
+- a unit whose analysis raises is tried once more, on whichever worker is free, then recorded as failed with its
+  reason (:data:`avlens.executors.ATTEMPTS`);
+- Ctrl-C cancels the work in flight and stops the workers; what was written stays, and the run resumes.
+
+Without an ``address`` a local Ray instance is started with the machine's CPUs and stopped at :meth:`close`;
+with one (``ray://...`` or ``auto``) the executor joins that cluster. If Ray is already initialised in this
+process (a notebook, the tests), that instance is used and left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..analyses import Analysis, get
+from ..errors import InputError
+from . import ATTEMPTS, Done, Failed, Tables, Unit, collect_unit, model_hash, reason_of
+
+MAX_CRASHES = 3
+"""Worker deaths a unit may cause (or suffer) before it is recorded as failed rather than sent again."""
+
+INSTALL = "--executor ray needs Ray, an optional extra: pip install 'avlens[ray]' (or pip install ray)"
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise InputError(INSTALL) from None
+    return ray
+
+
+class Worker:
+    """A Ray actor's state: the run's models, loaded on first use and kept for every later unit."""
+
+    def __init__(self, models: Mapping[str, str], base: str | None, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.names = dict(models)
+        self.base_name = base
+        self.adapters: dict[str, Any] = {}
+
+    def _adapter(self, label: str) -> Any:
+        if label not in self.adapters:
+            from .. import load
+
+            self.adapters[label] = load(self.base_name if label == "base" else self.names[label])
+        return self.adapters[label]
+
+    def pid(self) -> int:
+        """The worker's process id (to watch or kill it)."""
+        return os.getpid()
+
+    def peak_memory(self) -> int:
+        """The worker process's peak resident memory, in bytes."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def model_hashes(self) -> dict[str, str]:
+        labels = [*self.names, *(["base"] if self.base_name else [])]
+        return {label: model_hash(self._adapter(label)) for label in labels}
+
+    def model_dims(self) -> dict[str, tuple[int, int]]:
+        return {label: (self._adapter(label).n_layers, self._adapter(label).hidden_size) for label in self.names}
+
+    def run(self, spec: Analysis, unit: Unit) -> Tables:
+        base = self._adapter("base") if spec.needs.base and self.base_name else None
+        return collect_unit(spec, self._adapter(unit.model), unit, base)
+
+
+class RayExecutor:
+    """Units on ``workers`` Ray actors, each with ``gpus_per_worker`` GPUs (0: CPU only)."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        models: Mapping[str, str],
+        base: str | None = None,
+        *,
+        workers: int = 2,
+        gpus_per_worker: float = 0.0,
+        address: str | None = None,
+    ) -> None:
+        if workers < 1:
+            raise InputError(f"--workers must be at least 1, got {workers}")
+        if gpus_per_worker < 0:
+            raise InputError(f"--gpus-per-worker must be 0 or more, got {gpus_per_worker}")
+        ray = _ray()
+        self.ray = ray
+        self.names = dict(models)
+        self.base_name = base
+        self.labels = list(self.names)
+        self.has_base = base is not None
+        self.workers = workers
+        self.gpus = gpus_per_worker
+        self.started = False
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no prompt, no report home
+            cpus = os.cpu_count() or 1
+            options: dict[str, Any] = {"address": address} if address else {"num_cpus": max(cpus, workers)}
+            ray.init(**options, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+            self.started = True
+        total = int(ray.cluster_resources().get("CPU", workers))
+        # One worker per share of the CPUs, and torch's threads to match (Ray sets OMP_NUM_THREADS the same way).
+        self.cpus_per_worker = max(1, total // workers) if gpus_per_worker == 0 else 1
+        self.actor_class = ray.remote(Worker)
+        self.actors = [self._new_actor() for _ in range(workers)]
+        self.deaths = 0
+        self.in_flight: dict[str, int] = {}  # unit name -> the pid of the worker computing it (for tests, watching)
+        self._pids: dict[Any, int] = {}
+
+    def _new_actor(self) -> Any:
+        actor = self.actor_class.options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus, max_restarts=0)
+        return actor.remote(self.names, self.base_name, self.cpus_per_worker)
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the live workers."""
+        return self.ray.get([a.pid.remote() for a in self.actors])
+
+    def peak_memory(self) -> list[int]:
+        """Each live worker's peak resident memory, in bytes."""
+        return self.ray.get([a.peak_memory.remote() for a in self.actors])
+
+    def model_hashes(self) -> dict[str, str]:
+        return self.ray.get(self.actors[0].model_hashes.remote())
+
+    def model_dims(self) -> dict[str, tuple[int, int]]:
+        return self.ray.get(self.actors[0].model_dims.remote())
+
+    def run(self, units: Sequence[Unit], done: Done, failed: Failed) -> None:
+        """Send units to idle workers until every one is done or failed (see the module docstring)."""
+        ray = self.ray
+        specs = {name: ray.put(get(name)) for name in {u.analysis for u in units}}
+        queue: deque[tuple[Unit, int, int]] = deque((u, 0, 0) for u in units)  # unit, errors, worker deaths
+        idle = list(self.actors)
+        flying: dict[Any, tuple[Any, Unit, int, int]] = {}
+        try:
+            while queue or flying:
+                while idle and queue:
+                    actor = idle.pop(0)
+                    unit, errors, crashes = queue.popleft()
+                    ref = actor.run.remote(specs[unit.analysis], unit)
+                    flying[ref] = (actor, unit, errors, crashes)
+                    self.in_flight[unit.name] = self._pid(actor)
+                ready, _ = ray.wait(list(flying), num_returns=1)
+                for ref in ready:
+                    actor, unit, errors, crashes = flying.pop(ref)
+                    self.in_flight.pop(unit.name, None)
+                    try:
+                        tables = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:  # the analysis raised: its worker is fine
+                        idle.append(actor)
+                        if errors + 1 < ATTEMPTS:
+                            queue.append((unit, errors + 1, crashes))
+                        else:
+                            cause = e.cause if isinstance(e.cause, BaseException) else e
+                            failed(unit, reason_of(cause), str(e))
+                    except ray.exceptions.RayError as e:  # the worker died: replace it, send the unit again
+                        self.deaths += 1
+                        idle.append(self._replace(actor))
+                        if crashes + 1 < MAX_CRASHES:
+                            queue.appendleft((unit, errors, crashes + 1))
+                        else:
+                            failed(unit, f"its worker died {crashes + 1} times ({type(e).__name__})", str(e))
+                    else:
+                        idle.append(actor)
+                        done(unit, tables)
+        except KeyboardInterrupt:  # stop the work in flight now (actor tasks cannot be cancelled: end the actors)
+            for actor in self.actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+            self.actors = []
+            raise
+
+    def _pid(self, actor: Any) -> int:
+        if actor not in self._pids:
+            try:
+                self._pids[actor] = self.ray.get(actor.pid.remote(), timeout=60)
+            except self.ray.exceptions.RayError:
+                self._pids[actor] = -1
+        return self._pids[actor]
+
+    def _replace(self, actor: Any) -> Any:
+        self.actors.remove(actor)
+        self._pids.pop(actor, None)
+        new = self._new_actor()
+        self.actors.append(new)
+        return new
+
+    def close(self) -> None:
+        """Stop the workers, and the local Ray instance if this executor started it."""
+        for actor in getattr(self, "actors", []):
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor)
+        self.actors = []
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
