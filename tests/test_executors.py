@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray  # installed by the test command (the [test] extra): no skip if it is missing
 import torch
 
 from avlens import load
@@ -26,7 +27,6 @@ from avlens.executors import LocalExecutor
 from avlens.organism.world import LABEL_GROUPS, write_world
 from avlens.reproduce import execute
 
-ray = pytest.importorskip("ray")
 MODEL = "organism:av-balanced"
 
 

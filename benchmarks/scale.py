@@ -1,0 +1,131 @@
+"""Scale-out: the counterfactual analysis of the organism with the local executor, 1 Ray worker and 2 Ray
+workers. Prints one JSON object.
+
+Data: ``--clips`` held-out organism clips (default 200) and their counterfactual variants (6 conditions x 2
+questions: 2,400 items for 200 clips), the analysis's default config, model ``organism:av-balanced``. Each run
+writes its own run directory; the records are compared row for row with the local run's:
+
+- records_match: every table equal to the local run's in every row and column (floats to 1e-6 relative; exact for
+  all other columns), and records_identical: bit for bit. Local runs with torch at ``--threads`` threads and
+  each Ray worker with 1 CPU's thread, so their sums may round differently in the last bits;
+- seconds: wall time of each run, from the executor's start (for Ray: starting its actors and loading the model
+  in each, on a Ray instance started once beforehand) to the records written; ray_start_seconds: starting that
+  instance;
+- speedup_2_workers: seconds with 1 Ray worker / seconds with 2 (goal, issue 14: >= 1.6 on 2 cores);
+- peak_memory_mb_per_worker: each Ray worker process's peak resident memory at the end of its run.
+
+Usage: python benchmarks/scale.py [--clips N] [--threads T] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+MODEL = "organism:av-balanced"
+
+
+def _records(out: Path) -> dict[str, pd.DataFrame]:
+    return {p.stem: pd.read_parquet(p) for p in sorted((out / "results").glob("*.parquet"))}
+
+
+def _compare(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame], exact: bool) -> bool:
+    if list(a) != list(b):
+        return False
+    for name in a:
+        try:
+            pd.testing.assert_frame_equal(a[name], b[name], check_exact=exact, rtol=1e-6)
+        except AssertionError:
+            return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clips", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the local run")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the data and run directories here")
+    args = parser.parse_args()
+
+    import ray
+
+    from avlens import load
+    from avlens.analyses import get
+    from avlens.data import counterfactual
+    from avlens.executors import LocalExecutor
+    from avlens.executors.ray import RayExecutor
+    from avlens.organism.world import LABEL_GROUPS, write_world
+    from avlens.reproduce import execute
+
+    root = args.keep or Path(tempfile.mkdtemp(prefix="avlens-scale-"))
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = root / "cf" / "manifest.jsonl"
+    if not manifest.exists():
+        world = write_world(root / "world", args.clips, seed=9000)
+        counterfactual(world, root / "cf", groups={k: list(v) for k, v in LABEL_GROUPS.items()}, seed=0)
+    config = get("counterfactual").config()
+    run_config = {"models": {"m": MODEL}, "analysis": "counterfactual", "config": repr(config)}
+    n_items = sum(1 for _ in manifest.open()) * len(config.questions)
+
+    def timed_run(name: str, make) -> float:
+        out = root / name
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        executor = make()
+        try:
+            execute(out, run_config, {}, {"counterfactual": config}, None, manifest, executor=executor)
+            seconds = time.perf_counter() - start
+            memory = executor.peak_memory() if hasattr(executor, "peak_memory") else None
+        finally:
+            executor.close()
+        peaks[name] = memory
+        return seconds
+
+    peaks: dict[str, list[int] | None] = {}
+    torch.set_num_threads(args.threads)
+    seconds = {"local": timed_run("local", lambda: LocalExecutor({"m": load(MODEL)}))}
+    start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    ray_start = time.perf_counter() - start
+    try:
+        for workers in (1, 2):
+            name = f"ray_{workers}_worker" + ("s" if workers > 1 else "")
+            seconds[name] = timed_run(name, lambda w=workers: RayExecutor({"m": MODEL}, workers=w))
+    finally:
+        ray.shutdown()
+    local = _records(root / "local")
+    remote = {name: _records(root / name) for name in ("ray_1_worker", "ray_2_workers")}
+    result = {
+        "clips": args.clips,
+        "items": n_items,
+        "model": MODEL,
+        "local_threads": args.threads,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "ray_start_seconds": round(ray_start, 2),
+        "speedup_2_workers": round(seconds["ray_1_worker"] / seconds["ray_2_workers"], 3),
+        "records_match": all(_compare(local, r, exact=False) for r in remote.values()),
+        "records_identical": all(_compare(local, r, exact=True) for r in remote.values()),
+        "rows": {name: len(df) for name, df in local.items()},
+        "peak_memory_mb_per_worker": {
+            name: [round(m / 2**20) for m in peaks[name]] for name in remote if peaks[name] is not None
+        },
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+    }
+    if args.keep is None:
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
