@@ -276,3 +276,56 @@ def test_ctrl_c_stops_a_ray_run_and_it_resumes_locally_to_the_records_of_an_unin
     a = pd.read_parquet(out / "results" / "counterfactual.answers.parquet")
     b = pd.read_parquet(tmp_path / "whole" / "results" / "counterfactual.answers.parquet")
     pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The activation store, filled by Ray workers
+# ---------------------------------------------------------------------------------------------------------
+def test_ray_workers_fill_an_activation_store_that_a_later_run_reuses_with_probes_equal_to_memory(
+    cluster, tmp_path, monkeypatch
+):
+    manifest = write_world(tmp_path / "world", 16, seed=7200, workers=1)  # 4 classes twice: probes fit
+    config = replace(get("probe").config(), conditions=("factual",), folds=2, batch_size=4)
+    store = tmp_path / "store"
+
+    def probes(out: Path) -> pd.DataFrame:
+        return pd.read_parquet(out / "results" / "probe.probes.parquet")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        memory = _run(tmp_path / "memory", manifest, config, LocalExecutor({"m": load(MODEL)}), "probe")
+    finally:
+        torch.set_num_threads(threads)
+    said: list[str] = []
+    executor = _ray_executor()
+    try:
+        run_config = {"models": {"m": MODEL}, "analysis": "probe", "store": True}
+        filled = execute(
+            tmp_path / "filled", run_config, {"model_sha256": {"m": "w"}}, {"probe": config}, None, manifest,
+            executor=executor, store=store, log=said.append,
+        )  # fmt: skip
+    finally:
+        executor.close()
+    adapter = load(MODEL)
+    per = 3 * (adapter.n_layers + 1) * adapter.hidden_size * 4  # 3 sites x every layer's residual x float32
+    assert said == [
+        f"activation store {store / 'm'}: {per / 1e6:.3f} MB per sample, {per * 16 / 1e6:.1f} MB for 16 samples "
+        "of probe (float32)"
+    ]
+    shards = sorted((store / "m" / "shards").iterdir())
+    assert len(shards) == 4  # one per unit of 4 items
+    features = pd.read_parquet(filled.out / "results" / "probe.features.parquet")
+    assert "vector" not in features and {"shard", "row"} <= set(features.columns)
+    # A later run on the same store computes nothing: the model is never run.
+    import avlens.analyses.probe as probe_module
+
+    monkeypatch.setattr(probe_module, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("forward")))
+    reused = execute(
+        tmp_path / "reused", run_config, {"model_sha256": {"m": "w"}}, {"probe": config}, None, manifest,
+        executor=LocalExecutor({"m": adapter}), store=store,
+    )  # fmt: skip
+    assert reused.failed == {} and filled.failed == {}
+    assert len(probes(memory.out)) > 0
+    pd.testing.assert_frame_equal(probes(filled.out), probes(memory.out), check_exact=True)
+    pd.testing.assert_frame_equal(probes(reused.out), probes(memory.out), check_exact=True)
