@@ -2,9 +2,11 @@
 
 One orchestration, :func:`execute`, serves ``reproduce`` and ``avlens run``: it opens the run directory, runs
 each analysis of the registry (:mod:`avlens.analyses`) on every model, unit by unit, and writes summary.json
-(strict JSON) and report.html. Work is split into units (an analysis x model x batch of items); each unit's
-records are written atomically when it finishes, so a killed run resumes where it stopped (see
-:mod:`avlens.runs`). What an analysis needs (a base model...) is checked from its spec before any work.
+(strict JSON) and report.html. Work is split into units (an analysis x model x batch of items), computed by an
+executor (this process, or Ray workers: :mod:`avlens.executors`); each unit's records are written here, atomically,
+when it finishes, so a killed run resumes where it stopped, with either executor (see :mod:`avlens.runs`). A unit
+that fails twice is recorded in ``failed/`` and the run goes on. What an analysis needs (a base model...) is
+checked from its spec before any work.
 """
 
 from __future__ import annotations
