@@ -11,7 +11,9 @@ writes its own run directory; the records are compared row for row with the loca
 - seconds: wall time of each run, from the executor's start (for Ray: starting its actors and loading the model
   in each, on a Ray instance started once beforehand) to the records written; ray_start_seconds: starting that
   instance;
-- speedup_2_workers: seconds with 1 Ray worker / seconds with 2 (goal, issue 14: >= 1.6 on 2 cores);
+- speedup_2_workers: seconds with 1 Ray worker / seconds with 2, every worker with 1 CPU and 1 torch thread
+  (goal, issue 14: >= 1.6 on 2 cores); speedup_2_workers_vs_1_worker_2_cpus: the same 2 workers against 1
+  worker given both CPUs as 2 torch threads (what ``--workers 1`` gets by default on this machine);
 - peak_memory_mb_per_worker: each Ray worker process's peak resident memory at the end of its run.
 
 Usage: python benchmarks/scale.py [--clips N] [--threads T] [--keep DIR]
@@ -97,13 +99,14 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     ray_start = time.perf_counter() - start
     try:
-        for workers in (1, 2):
-            name = f"ray_{workers}_worker" + ("s" if workers > 1 else "")
-            seconds[name] = timed_run(name, lambda w=workers: RayExecutor({"m": MODEL}, workers=w))
+        runs = {"ray_1_worker": (1, 1), "ray_2_workers": (2, 1), "ray_1_worker_2_cpus": (1, 2)}
+        for name, (workers, cpus) in runs.items():
+            make = lambda w=workers, c=cpus: RayExecutor({"m": MODEL}, workers=w, cpus_per_worker=c)  # noqa: E731
+            seconds[name] = timed_run(name, make)
     finally:
         ray.shutdown()
     local = _records(root / "local")
-    remote = {name: _records(root / name) for name in ("ray_1_worker", "ray_2_workers")}
+    remote = {name: _records(root / name) for name in runs}
     result = {
         "clips": args.clips,
         "items": n_items,
@@ -112,6 +115,7 @@ def main() -> None:
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "ray_start_seconds": round(ray_start, 2),
         "speedup_2_workers": round(seconds["ray_1_worker"] / seconds["ray_2_workers"], 3),
+        "speedup_2_workers_vs_1_worker_2_cpus": round(seconds["ray_1_worker_2_cpus"] / seconds["ray_2_workers"], 3),
         "records_match": all(_compare(local, r, exact=False) for r in remote.values()),
         "records_identical": all(_compare(local, r, exact=True) for r in remote.values()),
         "rows": {name: len(df) for name, df in local.items()},

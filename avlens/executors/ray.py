@@ -82,7 +82,8 @@ class Worker:
 
 
 class RayExecutor:
-    """Units on ``workers`` Ray actors, each with ``gpus_per_worker`` GPUs (0: CPU only)."""
+    """Units on ``workers`` Ray actors, each with ``gpus_per_worker`` GPUs (0: CPU only) and ``cpus_per_worker``
+    CPUs and torch threads (default: the cluster's CPUs shared among the workers; 1 with GPUs)."""
 
     name = "ray"
 
@@ -94,6 +95,7 @@ class RayExecutor:
         workers: int = 2,
         gpus_per_worker: float = 0.0,
         address: str | None = None,
+        cpus_per_worker: int | None = None,
     ) -> None:
         if workers < 1:
             raise InputError(f"--workers must be at least 1, got {workers}")
@@ -115,8 +117,10 @@ class RayExecutor:
             ray.init(**options, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
             self.started = True
         total = int(ray.cluster_resources().get("CPU", workers))
-        # One worker per share of the CPUs, and torch's threads to match (Ray sets OMP_NUM_THREADS the same way).
-        self.cpus_per_worker = max(1, total // workers) if gpus_per_worker == 0 else 1
+        # By default each worker gets its share of the CPUs (1 beside a GPU), and torch's threads match it (Ray
+        # sets OMP_NUM_THREADS the same way).
+        share = max(1, total // workers) if gpus_per_worker == 0 else 1
+        self.cpus_per_worker = cpus_per_worker or share
         self.actor_class = ray.remote(Worker)
         self.actors = [self._new_actor() for _ in range(workers)]
         self.deaths = 0
