@@ -41,11 +41,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import numpy as np
 from safetensors import safe_open
@@ -53,6 +52,7 @@ from safetensors.numpy import save_file
 
 from .errors import AvlensError
 from .jsonvalues import jsonable
+from .runs import _fsync_dir, _mkstemp, unit_key  # one atomic-file recipe and one name encoding for both
 
 VERSION = 1
 DTYPES = ("float32", "float16")
@@ -70,47 +70,16 @@ def estimate_bytes(n_samples: int, n_arrays_per_sample: int, hidden: int, dtype:
     return int(n_samples) * int(n_arrays_per_sample) * int(hidden) * np.dtype(_check_dtype(dtype)).itemsize
 
 
-def shard_key(name: str) -> str:
-    """The file name stem of a shard: its unit name percent-encoded, as :func:`avlens.runs.unit_key` does.
-
-    ``"probe/vision-heavy/32-0003"`` -> ``"probe%2Fvision-heavy%2F32-0003"``.
-    """
-    if not name:
-        raise ValueError("a shard name must not be empty")
-    key = quote(name, safe="")
-    if key.startswith("."):  # ".", ".." and names that would look like our temporary files
-        key = "%2E" + key[1:]
-    if len(key) > 200:  # file names are limited to 255 bytes; the temporary name adds a prefix and suffix
-        raise ValueError(f"shard name too long ({len(key)} characters once encoded, at most 200): {name!r}")
-    return key
-
-
 def _check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise AvlensError(f"store dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return dtype
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (a file's fsync does not cover its directory entry)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(path: Path, write) -> None:
     """Write ``path`` through ``write(temp_path)`` into a temporary file beside it, fsync, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
+    fd, tmp = _mkstemp(f"{TMP_PREFIX}{path.name}-", path.parent)  # the mode of any new file: stores are shared
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # the mode of any new file, not mkstemp's 0600: stores are shared
         os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -250,7 +219,7 @@ class Shard:
     def __init__(self, store: ActivationStore, name: str) -> None:
         self.store = store
         self.name = name
-        self.path = store.path / "shards" / f"{shard_key(name)}{SUFFIX}"
+        self.path = store.path / "shards" / f"{unit_key(name)}{SUFFIX}"
 
     def __repr__(self) -> str:
         return f"Shard({self.name!r}, {'written' if self.exists else 'not written'})"
