@@ -1,11 +1,13 @@
 """The Ray executor: units on Ray actors that load the models once and keep them (``--executor ray``).
 
 Each of ``workers`` actors holds every model of the run (and the base, if an analysis needs it), loaded on its
-first unit; a unit is sent to an idle actor, and its records come back to the driver, which writes them into the
-run directory, so a Ray run writes exactly what a local run does. Faults:
+first unit; each actor is sent :data:`DEPTH` units at once (it computes one, the next waits), and their records
+come back to the driver, which writes them into the run directory, so a Ray run writes exactly what a local run
+does. Faults:
 
-- a worker that dies (killed, out of memory) loses only the unit it was computing: a new worker takes its place
-  and the unit is sent again (up to :data:`MAX_CRASHES` times, then it is recorded as failed);
+- a worker that dies (killed, out of memory) loses only the unit it was computing (and the one waiting, which had
+  not started): a new worker takes its place and both are sent again (up to :data:`MAX_CRASHES` times, then the
+  unit is recorded as failed);
 - a unit whose analysis raises is tried once more, on whichever worker is free, then recorded as failed with its
   reason (:data:`avlens.executors.ATTEMPTS`);
 - Ctrl-C cancels the work in flight and stops the workers; what was written stays, and the run resumes.
@@ -31,6 +33,10 @@ from . import ATTEMPTS, Done, Failed, Tables, Unit, collect_unit, model_hash, re
 
 MAX_CRASHES = 3
 """Worker deaths a unit may cause (or suffer) before it is recorded as failed rather than sent again."""
+
+DEPTH = 2
+"""Units sent to each worker at once: it computes one while the next waits in its queue, so it does not sit idle
+while the driver receives and writes the last one's records and sends it another."""
 
 INSTALL = "--executor ray needs Ray, an optional extra: pip install 'avlens[ray]' (or pip install ray)"
 
@@ -146,16 +152,18 @@ class RayExecutor:
         return self.ray.get(self.actors[0].model_dims.remote())
 
     def run(self, units: Sequence[Unit], done: Done, failed: Failed) -> None:
-        """Send units to idle workers until every one is done or failed (see the module docstring)."""
+        """Send units to the workers, :data:`DEPTH` at a time each, until every one is done or failed (see the
+        module docstring)."""
         ray = self.ray
         specs = {name: ray.put(get(name)) for name in {u.analysis for u in units}}
         queue: deque[tuple[Unit, int, int]] = deque((u, 0, 0) for u in units)  # unit, errors, worker deaths
-        idle = list(self.actors)
+        free = {actor: DEPTH for actor in self.actors}  # actor -> units it may still take
         flying: dict[Any, tuple[Any, Unit, int, int]] = {}
         try:
             while queue or flying:
-                while idle and queue:
-                    actor = idle.pop(0)
+                while queue and any(free.values()):
+                    actor = max(free, key=free.__getitem__)  # first slots first: every worker busy before any queues
+                    free[actor] -= 1
                     unit, errors, crashes = queue.popleft()
                     ref = actor.run.remote(specs[unit.analysis], unit)
                     flying[ref] = (actor, unit, errors, crashes)
@@ -167,21 +175,23 @@ class RayExecutor:
                     try:
                         tables = ray.get(ref)
                     except ray.exceptions.RayTaskError as e:  # the analysis raised: its worker is fine
-                        idle.append(actor)
+                        free[actor] += 1
                         if errors + 1 < ATTEMPTS:
                             queue.append((unit, errors + 1, crashes))
                         else:
                             cause = e.cause if isinstance(e.cause, BaseException) else e
                             failed(unit, reason_of(cause), str(e))
-                    except ray.exceptions.RayError as e:  # the worker died: replace it, send the unit again
-                        self.deaths += 1
-                        idle.append(self._replace(actor))
+                    except ray.exceptions.RayError as e:  # the worker died: replace it, send its units again
+                        if actor in free:  # the first of its units to come back replaces it
+                            self.deaths += 1
+                            del free[actor]
+                            free[self._replace(actor)] = DEPTH
                         if crashes + 1 < MAX_CRASHES:
                             queue.appendleft((unit, errors, crashes + 1))
                         else:
                             failed(unit, f"its worker died {crashes + 1} times ({type(e).__name__})", str(e))
                     else:
-                        idle.append(actor)
+                        free[actor] += 1
                         done(unit, tables)
         except KeyboardInterrupt:  # stop the work in flight now (actor tasks cannot be cancelled: end the actors)
             for actor in self.actors:
