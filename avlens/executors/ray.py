@@ -128,25 +128,33 @@ class RayExecutor:
         share = max(1, total // workers) if gpus_per_worker == 0 else 1
         self.cpus_per_worker = cpus_per_worker or share
         self.actor_class = ray.remote(Worker)
+        self._pids: dict[Any, Any] = {}  # actor -> its pid, or the reference of its pid() task, sent at creation
         self.actors = [self._new_actor() for _ in range(workers)]
         self.deaths = 0
-        self.in_flight: dict[str, int] = {}  # unit name -> the pid of the worker computing it (for tests, watching)
-        self._pids: dict[Any, int] = {}
+        self.in_flight: dict[str, int] = {}  # unit name -> the pid of the worker it was sent to (for tests, watching)
 
     def _new_actor(self) -> Any:
-        actor = self.actor_class.options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus, max_restarts=0)
-        return actor.remote(self.names, self.base_name, self.cpus_per_worker)
+        options = self.actor_class.options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus, max_restarts=0)
+        actor = options.remote(self.names, self.base_name, self.cpus_per_worker)
+        # Asked now, so that it runs before any unit: an actor runs its tasks in order, and asking later would
+        # wait behind the unit it computes (and hold up sending units to the other workers).
+        self._pids[actor] = actor.pid.remote()
+        return actor
 
     def worker_pids(self) -> list[int]:
         """The process ids of the live workers."""
-        return self.ray.get([a.pid.remote() for a in self.actors])
+        return [self._pid(a) for a in self.actors]
 
     def peak_memory(self) -> list[int]:
         """Each live worker's peak resident memory, in bytes."""
         return self.ray.get([a.peak_memory.remote() for a in self.actors])
 
     def model_hashes(self) -> dict[str, str]:
-        return self.ray.get(self.actors[0].model_hashes.remote())
+        """Every model's hash, asked of every worker at once: each loads its models now, all in parallel."""
+        hashes = self.ray.get([a.model_hashes.remote() for a in self.actors])
+        if any(h != hashes[0] for h in hashes):
+            raise InputError(f"the workers loaded different weights for the same models: {hashes}")
+        return hashes[0]
 
     def model_dims(self) -> dict[str, tuple[int, int]]:
         return self.ray.get(self.actors[0].model_dims.remote())
@@ -201,9 +209,10 @@ class RayExecutor:
             raise
 
     def _pid(self, actor: Any) -> int:
-        if actor not in self._pids:
+        """The actor's process id (-1 if it died before telling)."""
+        if not isinstance(self._pids[actor], int):
             try:
-                self._pids[actor] = self.ray.get(actor.pid.remote(), timeout=60)
+                self._pids[actor] = self.ray.get(self._pids[actor], timeout=60)
             except self.ray.exceptions.RayError:
                 self._pids[actor] = -1
         return self._pids[actor]
