@@ -663,9 +663,9 @@ def data_multiclip(
     n_clips: Annotated[int, typer.Option(help="Clips per prompt.")] = 2,
     n_prompts: Annotated[int | None, typer.Option(help="Number of prompts (default: one per clip).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    question_template: Annotated[str, typer.Option(help="The question; {label} is the target sound.")] = (
-        "Which clip has the sound of {label}?"
-    ),
+    question_template: Annotated[
+        str, typer.Option(help="The question; {label} is the target sound, {a} its article (a/an).")
+    ] = "Which clip has the sound of {a} {label}?",
 ) -> None:
     """Build prompts holding several clips with distinct sounds, each asking which clip has a given sound."""
     from .data import multiclip

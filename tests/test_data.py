@@ -18,6 +18,7 @@ import avlens.analyses.dominance as dominance_module
 from avlens.analyses.dominance import dominance
 from avlens.data import (
     CONDITIONS,
+    article,
     counterfactual,
     first_label,
     multiclip,
@@ -421,6 +422,18 @@ def test_multiclip_reports_and_refuses(world, source, media, tmp_path):
     )
     assert [c.video for c in sample.clips] == [str(tmp_path / "a.mp4"), "/b.mp4"]
     assert [c.audio for c in sample.clips] == [None, None]
+    for bad in ("Which clip has {x}?", "Which clip has {label} {kind}?", "Which clip has {label?"):
+        with pytest.raises(InputError, match="question_template must contain"):
+            multiclip(manifest, tmp_path / "mc", question_template=bad)
+    own = multiclip(manifest, tmp_path / "own", question_template="Where is {label}?")
+    assert read_manifest(own.manifest)["question"].str.fullmatch(r"Where is [a-z ]+\?").all()
+
+
+def test_multiclip_questions_carry_the_article_of_their_label(world, tmp_path):
+    table = read_manifest(multiclip(world, tmp_path / "mc", n_clips=2, n_prompts=8, seed=3).manifest)
+    for question, label in zip(table["question"], table["target_label"], strict=True):
+        assert question == f"Which clip has the sound of {'an' if label[0] in 'aeiou' else 'a'} {label}?"
+    assert [article(w) for w in ("owl", "Elephant", "bell", "")] == ["an", "an", "a", "a"]
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:

@@ -19,6 +19,8 @@ from avlens.analyses.common import Item, LabelTokens
 from avlens.data.builders import multiclip
 from avlens.models.base import Clip, Sample
 from avlens.models.tiny import WORDS, tiny_model
+from avlens.organism.data import WHICH_HEAR
+from avlens.organism.data import article as organism_article
 from avlens.trace import run_conditions
 
 QUESTIONS = {
@@ -313,7 +315,9 @@ def test_multiclip_prompts_built_from_a_counterfactual_manifest_join_its_items(t
     assert [s.clips for s in again] == [it.sample.clips for it in multi]  # deterministic for a seed
     for it in multi:  # every clip a factual one playing its video's own track
         assert all(c.audio is None and "__factual" in str(c.video) for c in it.sample.clips)
-        assert it.sample.prompt == f"Which clip has the sound of {it.sample.meta['target_label']}?"
+        # the organism's own training question (one template, lower-cased by its tokenizer), article included
+        label = it.sample.meta["target_label"]
+        assert it.sample.prompt.lower() == WHICH_HEAR[0].format(a=organism_article(label), x=label)
     # a run (reproduce, avlens run) plans the config's own items: the multi-clip prompts join the units
     from avlens.reproduce import plan_units
 

@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from ..data import article
 from ..errors import InputError
 from ..models.base import Adapter
 from ..trace import Capture, Knockout, Steer, generate, generate_guided, run, run_conditions
@@ -203,7 +204,7 @@ def probes_of(item: Item, config: Config, vocabulary: Sequence[str]) -> list[tup
     neither = others[zlib.crc32(item.clip.encode()) % len(others)] if others else None
 
     def ask(template: str, x: str) -> str:
-        return template.format(a="an" if x[:1] in "aeiou" else "a", x=x)
+        return template.format(a=article(x), x=x)
 
     out = []
     if heard:

@@ -14,6 +14,7 @@ absolute otherwise.
 from __future__ import annotations
 
 import re
+import string
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -495,6 +496,11 @@ def first_label(text: str, labels: Sequence[str]) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 # Multi-clip prompts
 # ---------------------------------------------------------------------------------------------------------
+def article(word: str) -> str:
+    """The indefinite article of ``word`` by its first letter: "an" before a vowel, else "a" ("an owl", "a bell")."""
+    return "an" if word[:1].lower() in tuple("aeiou") else "a"
+
+
 def multiclip(
     manifest: str | Path | pd.DataFrame,
     out_dir: str | Path,
@@ -502,7 +508,7 @@ def multiclip(
     n_clips: int = 2,
     n_prompts: int | None = None,
     seed: int = 0,
-    question_template: str = "Which clip has the sound of {label}?",
+    question_template: str = "Which clip has the sound of {a} {label}?",
     progress: Progress | None = None,
 ) -> BuildReport:
     """Write prompts that each hold ``n_clips`` clips with distinct audio labels and ask which one has a sound.
@@ -519,7 +525,8 @@ def multiclip(
         n_clips: clips per prompt (at least 2).
         n_prompts: prompts to write (default: one per usable clip).
         seed: seed of the draws.
-        question_template: the question, with ``{label}`` for the target's audio label.
+        question_template: the question, with ``{label}`` for the target's audio label and ``{a}`` for its
+            indefinite article ("a" or "an", see :func:`article`).
         progress: called with (prompts done, prompts).
 
     Raises:
@@ -527,8 +534,12 @@ def multiclip(
     """
     if n_clips < 2:
         raise InputError(f"n_clips must be at least 2, got {n_clips}")
-    if "{label}" not in question_template:
-        raise InputError(f"question_template must contain {{label}}, got {question_template!r}")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(question_template) if f is not None}
+    except ValueError:  # an unmatched brace
+        fields = set()
+    if "label" not in fields or not fields <= {"label", "a"}:
+        raise InputError(f"question_template must contain {{label}} and may contain {{a}}, got {question_template!r}")
     df = manifest_table(manifest, ("video", "audio_label"))
     out_dir = Path(out_dir)
     problems: list[dict] = []
@@ -567,7 +578,7 @@ def multiclip(
                     {"video": relative_path(r["video"], out_dir), "audio": relative_path(r.get("audio"), out_dir)}
                     for r in rows
                 ],
-                "question": question_template.format(label=chosen[target]),
+                "question": question_template.format(label=chosen[target], a=article(chosen[target])),
                 "target_label": chosen[target],
                 "answer": str(target + 1),
                 "labels": chosen,
