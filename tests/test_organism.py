@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 from dataclasses import replace
 
 import numpy as np
@@ -87,6 +89,41 @@ def test_batchers_share_features_until_the_vision_weights_change(bank):
     second.cache_video_features(adapter.model)  # new vision weights: computed again
     assert (second.video_features[:2] - torch.stack(list(changed))).abs().max() <= 1e-5
     assert not torch.allclose(second.video_features, first.video_features)
+
+
+def test_a_step_split_by_length_has_the_loss_and_gradients_of_one_batch(bank, monkeypatch):
+    from avlens.organism import train as train_module
+    from avlens.organism.data import SkillMixture
+    from avlens.organism.model import VOCABULARY_V2
+
+    adapter = new_organism(SMALL, seed=4, vocabulary=VOCABULARY_V2)
+    batcher = Batcher(adapter, bank)
+    mixture = SkillMixture(text=True, text_which=0.3, text_choice=0.3, options=(2, 20))
+    text_sampler, av_sampler = ExampleSampler(bank, mixture, seed=6), ExampleSampler(bank, Mixture(multi=0.0), seed=7)
+    examples = [text_sampler.draw() for _ in range(40)] + [av_sampler.draw() for _ in range(6)]
+    params = [p for p in adapter.model.parameters() if p.requires_grad]
+
+    def step(piece: int) -> tuple[float, list[torch.Tensor]]:
+        monkeypatch.setattr(train_module, "PIECE", piece)
+        adapter.model.zero_grad(set_to_none=True)
+        loss = train_module._lm_step(adapter.model, batcher, examples, random.Random(0))
+        return float(loss), [None if p.grad is None else p.grad.clone() for p in params]
+
+    text = [e for e in examples if e.layout_key == ""]
+    monkeypatch.setattr(train_module, "PIECE", 8)
+    pieces = train_module._pieces(batcher, text, False)
+    lengths = [[len(batcher.prompt_ids(e, False)) for e in p] for p in pieces]
+    every = [id(e) for p in pieces for e in p]
+    assert len(pieces) == len(text) // 8 and sorted(every) == sorted(map(id, text))
+    assert all(max(a) <= min(b) for a, b in itertools.pairwise(lengths))  # sorted by length
+    assert sum(len(p) * max(n) for p, n in zip(pieces, lengths, strict=True)) < len(text) * max(map(max, lengths))
+    one_loss, one_grads = step(10_000)  # each layout in one forward
+    split_loss, split_grads = step(8)
+    assert [g is None for g in one_grads] == [g is None for g in split_grads]
+    assert sum(g is not None for g in one_grads) > 0.9 * len(params)  # (the encoders' too: the clips train them)
+    assert abs(one_loss - split_loss) <= 1e-5 * abs(one_loss)
+    for a, b in zip(one_grads, split_grads, strict=True):
+        assert a is None or (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-7
 
 
 def test_a_few_training_steps_lower_the_loss(bank):
