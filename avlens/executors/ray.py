@@ -1,9 +1,9 @@
 """The Ray executor: units on Ray actors that load the models once and keep them (``--executor ray``).
 
-Each of ``workers`` actors holds every model of the run (and the base, if an analysis needs it), loaded on its
-first unit; each actor is sent :data:`DEPTH` units at once (it computes one, the next waits), and their records
-come back to the driver, which writes them into the run directory, so a Ray run writes exactly what a local run
-does. Faults:
+Each of ``workers`` actors holds every model of the run (and the base, if an analysis needs it), loaded when
+first needed (the model hashes a run asks of every worker at its start, all at once; or its first unit). Each
+actor is sent :data:`DEPTH` units at once (it computes one, the next waits), and their records come back to the
+driver, which writes them into the run directory, so a Ray run writes exactly what a local run does. Faults:
 
 - a worker that dies (killed, out of memory) loses only the unit it was computing (and the one waiting, which had
   not started): a new worker takes its place and both are sent again (up to :data:`MAX_CRASHES` times, then the
