@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from dataclasses import replace
 
@@ -14,14 +15,34 @@ import avlens
 from avlens.organism.data import WORLD, Batcher, ExampleSampler, Mixture, load_bank, make_world
 from avlens.organism.model import OrganismConfig, new_organism
 from avlens.organism.train import Stage, stage2, train_stage
-from avlens.organism.world import CLASSES
+from avlens.organism.world import CLASSES, write_world
 
 SMALL = OrganismConfig(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vision_depth=1, audio_layers=1)
 
 
+CHUNKED = replace(SMALL, seconds_per_chunk=1)
+"""A clip layout of three interleaved chunks per 3 s clip (a candidate for organism v2)."""
+
+
 @pytest.fixture(scope="module")
-def bank(tmp_path_factory):
-    return load_bank(make_world(24, 3, root=tmp_path_factory.mktemp("worlds")))
+def world(tmp_path_factory):
+    return make_world(24, 3, root=tmp_path_factory.mktemp("worlds"))
+
+
+@pytest.fixture(scope="module")
+def bank(world):
+    return load_bank(world)
+
+
+@pytest.fixture(scope="module")
+def world3(tmp_path_factory):
+    """24 clips of 3 s."""
+    return write_world(tmp_path_factory.mktemp("world3"), 24, seed=3, cfg=replace(WORLD, duration=3.0))
+
+
+@pytest.fixture(scope="module")
+def bank3(world3):
+    return load_bank(world3)
 
 
 def test_bank_is_read_from_files(bank):
@@ -53,8 +74,10 @@ def test_tokenizer_understands_questions_as_users_type_them():
 
 
 @pytest.mark.parametrize("interleave", [True, False])
-def test_batches_equal_what_prepare_builds(bank, interleave):
-    adapter = new_organism(SMALL)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_batches_equal_what_prepare_builds(bank, bank3, interleave, chunked):
+    adapter = new_organism(CHUNKED if chunked else SMALL)
+    bank = bank3 if chunked else bank
     batcher = Batcher(adapter, bank)
     sampler = ExampleSampler(bank, Mixture(unimodal=0.0, swapped=0.5, multi=0.0), seed=1)
     examples = [sampler.draw() for _ in range(6)]
@@ -71,6 +94,30 @@ def test_batches_equal_what_prepare_builds(bank, interleave):
         ours = adapter.model(**batch).logits[:, -1]
         theirs = adapter.model(**reference).logits[:, -1]
     assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_a_checkpoint_keeps_its_clip_layout(world, world3, tmp_path):
+    """fps and seconds per chunk are saved where a real checkpoint keeps them and used on loading: a 3 s clip of
+    the world's mp4 at 1 s chunks interleaves 3 times (64 video + 25 audio tokens each), and 4 fps doubles the
+    video tokens of a 2 s clip."""
+    from avlens.models.base import Clip
+    from avlens.organism.model import save_organism
+
+    def layout_of(config: OrganismConfig, manifest) -> list[tuple[int, int]]:
+        name = tmp_path / f"{config.seconds_per_chunk}-{config.fps}"
+        save_organism(new_organism(config), name)
+        adapter = avlens.load(name)
+        assert adapter.options.fps == config.fps and adapter.model.config.seconds_per_chunk == config.seconds_per_chunk
+        video = str(manifest.parent / json.loads(manifest.read_text().splitlines()[0])["video"])
+        layout = adapter.prepare([avlens.Sample("what do you hear?", clips=[Clip(video=video)])]).layout
+        chunks = sorted((n for n in layout.names if n.startswith("chunk")), key=lambda n: int(n[5:]))
+        return [(int(layout.mask(f"{c}&video").sum()), int(layout.mask(f"{c}&audio").sum())) for c in chunks]
+
+    assert layout_of(CHUNKED, world3) == [(64, 25)] * 3
+    assert layout_of(SMALL, world3) == [(128, 50), (64, 25)]
+    # 2 s clips decode to 2.048 s of audio: 51 audio tokens, the last one in a chunk of its own
+    assert layout_of(SMALL, world) == [(128, 50), (0, 1)]
+    assert layout_of(replace(SMALL, fps=4.0), world) == [(256, 50), (0, 1)]
 
 
 def test_batchers_share_features_until_the_vision_weights_change(bank):

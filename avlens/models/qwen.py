@@ -49,7 +49,8 @@ class PrepareOptions:
     """How media become inputs.
 
     Attributes:
-        fps: video frames sampled per second (Qwen's default is 2).
+        fps: video frames sampled per second (an adapter's default: its checkpoint's video preprocessor config's
+            ``fps``, else Qwen's 2).
         max_frames: cap on sampled frames.
         interleave: lay each video and its audio out as time-interleaved chunks (Qwen-Omni's
             ``use_audio_in_video``) instead of separate video and audio spans. None (default): interleave when
@@ -115,7 +116,8 @@ class QwenAdapter(Adapter):
             low, high = self.default_video_pixels
             self.video_vision = replace(self.vision, min_pixels=low, max_pixels=high)
         self.audio = AudioProcessor.from_config(preprocessor) if self.has_audio else None
-        self.options = PrepareOptions()
+        # Frames per second to sample: the checkpoint's own (its video preprocessor config), else Qwen's 2.
+        self.options = PrepareOptions(fps=float((video_preprocessor or {}).get("fps") or PrepareOptions.fps))
         self.check_supported()
 
     # -- loading --------------------------------------------------------------------------------------------

@@ -23,7 +23,14 @@ from .world import CLASSES
 @dataclass(frozen=True)
 class OrganismConfig:
     """Sizes of the organism. Video tokens outnumber audio tokens (128 vs 50 for a 2 s clip at 224x224, 2 fps),
-    as in real AVLLMs."""
+    as in real AVLLMs.
+
+    The clip layout: ``fps`` (video frames sampled per second; two frames make one temporal patch) is saved in the
+    checkpoint's video preprocessor config, and ``seconds_per_chunk`` (the time span of one interleaved chunk of
+    audio-in-video; whole seconds, as transformers' config requires) in its thinker config, where a real
+    checkpoint keeps them; so the loaded model lays clips out as it was trained. The defaults (2 fps, 2 s) make a
+    2 s clip one chunk.
+    """
 
     layers: int = 4
     hidden: int = 256
@@ -37,6 +44,8 @@ class OrganismConfig:
     frame_size: int = 224
     tie_embeddings: bool = True  # as Qwen2.5's small models (0.5B-3B): the answer words' rows are the input rows
     audio_seconds: int = 10  # the feature extractor's padding length (longer user audio is cut)
+    fps: float = 2.0
+    seconds_per_chunk: int = 2
 
 
 QUESTION_WORDS = [
@@ -140,6 +149,7 @@ def new_organism(
         audio_start_token_id=ids["audio_start"],
         audio_end_token_id=ids["audio_end"],
         tie_word_embeddings=config.tie_embeddings,
+        seconds_per_chunk=config.seconds_per_chunk,
     )
     thinker.vision_start_token_id = ids["vision_start"]
     thinker.vision_end_token_id = ids["vision_end"]
@@ -155,9 +165,17 @@ def new_organism(
 
 
 def video_config(config: OrganismConfig) -> dict:
-    """Video patches at the organism's frame size: 224x224 stays 224x224 (8x8 merged tokens per frame pair)."""
+    """Video patches at the organism's frame size (224x224 stays 224x224: 8x8 merged tokens per frame pair), and
+    its sampling rate."""
     pixels = config.frame_size**2
-    return {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": pixels, "max_pixels": pixels}
+    return {
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "min_pixels": pixels,
+        "max_pixels": pixels,
+        "fps": config.fps,
+    }
 
 
 def save_organism(adapter: Qwen2_5OmniAdapter, directory: Path, card: dict | None = None) -> Path:

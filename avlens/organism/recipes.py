@@ -76,7 +76,7 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-_BANKS: dict[Path, object] = {}
+_BANKS: dict[tuple[Path, float], object] = {}
 Progress = Callable[[str, int, int, float | None], None]
 """progress(task, done, total, loss)."""
 
@@ -100,12 +100,12 @@ class Pipeline:
     @property
     def bank(self):
         if self._bank is None:
-            manifest = self.train_manifest()
-            if manifest not in _BANKS:  # decoded once per process: every recipe trained here shares it
+            key = (self.train_manifest(), self.setup.model.fps)
+            if key not in _BANKS:  # decoded once per process: every recipe trained here shares it
                 self._say("decoding the training world", 0, 1)
                 _BANKS.clear()
-                _BANKS[manifest] = load_bank(manifest)
-            self._bank = _BANKS[manifest]
+                _BANKS[key] = load_bank(key[0], fps=key[1])
+            self._bank = _BANKS[key]
         return self._bank
 
     def train_manifest(self) -> Path:
@@ -304,7 +304,7 @@ def sweep(
     import itertools
 
     pipe = Pipeline(out, setup, progress, world_root)
-    test_bank = load_bank(pipe.test_manifest_congruent())
+    test_bank = load_bank(pipe.test_manifest_congruent(), fps=setup.model.fps)
     path = Path(out) / "dominance_map.parquet"
     done = pd.read_parquet(path) if path.exists() else pd.DataFrame()
     rows = done.to_dict("records")
