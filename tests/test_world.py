@@ -107,6 +107,24 @@ def test_a_late_sound_is_only_background_before_its_onset(label):
         WorldConfig(duration=2.0, onset=(0.5, 2.0))
 
 
+def test_a_world_with_late_sounds_records_each_onset(tmp_path):
+    """``audio_onset`` in the manifest is when the clip's sound starts: in the drawn range, different per clip, and
+    the written track is background alone before it (a 1 s interleaved chunk of a 3 s clip can be told silent)."""
+    cfg = WorldConfig(duration=3.0, onset=(0.5, 2.0), snr_db=(20.0, 20.0))
+    manifest = write_world(tmp_path / "late", 6, seed=4, cfg=cfg, workers=1)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    onsets = [r["audio_onset"] for r in rows]
+    assert all(0.5 <= o <= 2.0 for o in onsets) and len(set(onsets)) == len(onsets)
+    rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
+    for row in rows:
+        audio, sr = sf.read(manifest.parent / row["audio"], dtype="float32")
+        cut = round(row["audio_onset"] * sr)
+        before, after = audio[: cut - 400], audio[cut + 400 :]
+        assert rms(before) < 0.3 * rms(after), row["id"]
+    plain = write_world(tmp_path / "plain", 2, seed=4, cfg=WorldConfig(duration=3.0), workers=1)
+    assert all("audio_onset" not in json.loads(line) for line in plain.read_text().splitlines())
+
+
 def _decode(mp4: Path) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
     """Stream (type, codec) pairs, decoded RGB frames (T, H, W, 3) and decoded mono audio (n,) of a file."""
     with av.open(str(mp4)) as container:

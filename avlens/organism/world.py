@@ -471,17 +471,30 @@ def render_audio(label: str, rng: np.random.Generator, cfg: WorldConfig) -> np.n
     Returns:
         float32 (n,) mono at ``cfg.sampling_rate``, n = round(duration * sampling_rate), peak <= 0.99.
     """
+    return _render_audio(label, rng, cfg)[0]
+
+
+def clip_onset(audio_label: str, seed: int, cfg: WorldConfig) -> float:
+    """The time, in seconds, at which the sound of the clip rendered from ``seed`` starts (see ``cfg.onset``;
+    0.0 when the sound plays from the start)."""
+    return _render_audio(audio_label, np.random.default_rng(seed).spawn(2)[1], cfg)[1]
+
+
+def _render_audio(label: str, rng: np.random.Generator, cfg: WorldConfig) -> tuple[np.ndarray, float]:
+    """:func:`render_audio` and the sound's onset in seconds."""
     _group(label)  # unknown labels are an InputError
     sr, n = cfg.sampling_rate, cfg.n_samples
     t = np.arange(n) / sr
     clean = _synth(label, rng, t, sr, cfg.duration)
+    onset = 0.0
     if cfg.onset[1] > 0:  # the sound starts late: silent before the onset, with a 20 ms fade-in
-        clean = clean * np.clip((t - rng.uniform(*cfg.onset)) / 0.02, 0, 1)
+        onset = float(rng.uniform(*cfg.onset))
+        clean = clean * np.clip((t - onset) / 0.02, 0, 1)
     clean = clean / (np.sqrt(np.mean(clean * clean)) + 1e-12)
     snr_db = rng.uniform(*cfg.snr_db)
     x = clean + _background_noise(rng, n) * 10 ** (-snr_db / 20)
     peak = rng.uniform(0.3, 0.95)  # loudness varies between clips
-    return (x * (peak / np.max(np.abs(x)))).astype(np.float32)
+    return (x * (peak / np.max(np.abs(x)))).astype(np.float32), onset
 
 
 def render_clip(
@@ -620,7 +633,8 @@ def write_world(
     """Write ``n`` clips under ``out/clips/``, ``out/manifest.jsonl`` and ``out/world.json``.
 
     Each manifest line has ``id``, ``video`` and ``audio`` (paths relative to ``out``), ``audio_label``,
-    ``visual_label``, ``condition`` ("congruent" or "swapped") and ``seed`` (for :func:`render_clip`).
+    ``visual_label``, ``condition`` ("congruent" or "swapped") and ``seed`` (for :func:`render_clip`); with a
+    late sound (``cfg.onset`` above 0) also ``audio_onset``, the time in seconds its sound starts.
     The same (n, seed, cfg, swapped_share) gives the same files. By default every clip is congruent (its sound
     and picture of one class): counterfactual variants, swapped clips among them, are what
     :func:`avlens.data.counterfactual` builds, and it keeps a world's own swapped clips swapped.
@@ -686,6 +700,8 @@ def _write_row(job: tuple[Path, str, dict, WorldConfig]) -> str:
     frames, audio = render_clip(row["visual_label"], row["audio_label"], row["seed"], cfg)
     mp4, wav = write_clip(out / "clips" / clip_id, frames, audio, cfg)
     entry = {"id": clip_id, "video": mp4.relative_to(out).as_posix(), "audio": wav.relative_to(out).as_posix()}
+    if cfg.onset[1] > 0:  # (only then: the manifests of worlds without late sounds stay as they were)
+        entry["audio_onset"] = round(clip_onset(row["audio_label"], row["seed"], cfg), 4)
     return json.dumps(entry | row)
 
 
