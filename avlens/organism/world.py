@@ -474,12 +474,6 @@ def render_audio(label: str, rng: np.random.Generator, cfg: WorldConfig) -> np.n
     return _render_audio(label, rng, cfg)[0]
 
 
-def clip_onset(audio_label: str, seed: int, cfg: WorldConfig) -> float:
-    """The time, in seconds, at which the sound of the clip rendered from ``seed`` starts (see ``cfg.onset``;
-    0.0 when the sound plays from the start)."""
-    return _render_audio(audio_label, np.random.default_rng(seed).spawn(2)[1], cfg)[1]
-
-
 def _render_audio(label: str, rng: np.random.Generator, cfg: WorldConfig) -> tuple[np.ndarray, float]:
     """:func:`render_audio` and the sound's onset in seconds."""
     _group(label)  # unknown labels are an InputError
@@ -508,10 +502,18 @@ def render_clip(
     Returns:
         frames: uint8 (T, H, W, 3); audio: float32 (n,).
     """
+    return _render_clip(visual_label, audio_label, seed, cfg)[:2]
+
+
+def _render_clip(
+    visual_label: str, audio_label: str, seed: int, cfg: WorldConfig
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`render_clip` and the time, in seconds, its sound starts (0.0 when it plays from the start)."""
     _group(visual_label)
     _group(audio_label)
     visual_rng, audio_rng = np.random.default_rng(seed).spawn(2)
-    return render_visual(visual_label, visual_rng, cfg), render_audio(audio_label, audio_rng, cfg)
+    audio, onset = _render_audio(audio_label, audio_rng, cfg)
+    return render_visual(visual_label, visual_rng, cfg), audio, onset
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -697,11 +699,11 @@ def write_world(
 def _write_row(job: tuple[Path, str, dict, WorldConfig]) -> str:
     """Render and write one clip of a world; its manifest line."""
     out, clip_id, row, cfg = job
-    frames, audio = render_clip(row["visual_label"], row["audio_label"], row["seed"], cfg)
+    frames, audio, onset = _render_clip(row["visual_label"], row["audio_label"], row["seed"], cfg)
     mp4, wav = write_clip(out / "clips" / clip_id, frames, audio, cfg)
     entry = {"id": clip_id, "video": mp4.relative_to(out).as_posix(), "audio": wav.relative_to(out).as_posix()}
     if cfg.onset[1] > 0:  # (only then: the manifests of worlds without late sounds stay as they were)
-        entry["audio_onset"] = round(clip_onset(row["audio_label"], row["seed"], cfg), 4)
+        entry["audio_onset"] = round(onset, 4)
     return json.dumps(entry | row)
 
 
