@@ -303,3 +303,90 @@ def test_bad_letters_are_refused():
         SkillMixture(options=(2, 20), letters=LETTERS_V2[:10])
     with pytest.raises(ValueError):
         SkillMixture(letters=("b", "b", *LETTERS_V2[2:]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The skills about real clips (media stages) and their evaluation items
+# ---------------------------------------------------------------------------------------------------------
+def _asked(ex: Example) -> tuple[bool, str]:
+    """(hear?, X) of a which-clip question."""
+    hear = ex.kind.endswith("hear")
+    return hear, re.search(r"(?:sound of|shows) an? (\w+)\??$", ex.question.lower()).group(1)
+
+
+@pytest.mark.parametrize("swapped", [0.0, 0.5])
+def test_media_which_clip_is_well_formed(bank, swapped):
+    """Exactly one clip has X in the asked modality; hard negatives (X in the other modality) come only with a
+    swapped share, at about that rate, and never without one."""
+    sampler = ExampleSampler(bank, SkillMixture(swapped=swapped, which=1.0, which_clips=(2, 3)), 5)
+    hard = others = 0
+    counts = Counter()
+    for _ in range(600):
+        ex = sampler.draw()
+        hear, x = _asked(ex)
+        n = len(ex.clips)
+        counts[(n, hear)] += 1
+        assert ex.kind == f"which{n}-{'hear' if hear else 'see'}" and ex.answer in [str(i + 1) for i in range(n)]
+        labels = [(bank.labels[v], bank.labels[a]) for v, a in ex.clips]  # (seen, heard)
+        has = [(heard if hear else seen) == x for seen, heard in labels]
+        assert has == [str(i + 1) == ex.answer for i in range(n)], (ex.question, labels)
+        for i, (seen, heard) in enumerate(labels):
+            if str(i + 1) != ex.answer:
+                others += 1
+                hard += (seen if hear else heard) == x
+            else:
+                assert seen == heard  # the right clip is congruent
+    assert set(counts) == {(2, True), (2, False), (3, True), (3, False)} and min(counts.values()) > 100
+    if swapped:
+        assert abs(hard / others - swapped) < 0.06
+    else:
+        assert hard == 0
+
+
+@pytest.mark.parametrize("audio", [True, False])
+def test_media_choice_is_well_formed(bank, audio):
+    """The answer letter points at the asked modality's class, options are distinct, the other modality's class is
+    among them, and the question asks about a modality the example has."""
+    m = SkillMixture(audio=audio, swapped=0.3, unimodal=0.2, choice=1.0, options=(2, 20), letters=LETTERS_V2)
+    sampler = ExampleSampler(bank, m, 6)
+    conditions = Counter()
+    for _ in range(800):
+        ex = sampler.draw()
+        hear = ex.kind == "choice-hear"
+        assert ex.kind in ("choice-hear", "choice-see")
+        options = re.findall(r"\b([b-v])\. (\w+)", ex.question)
+        n = len(options)
+        assert 2 <= n <= 20 and [letter for letter, _ in options] == list(LETTERS_V2[:n])
+        words = dict(options)
+        assert len(set(words.values())) == n and ex.answer in words
+        seen = bank.labels[ex.video] if ex.video is not None else None
+        heard = bank.labels[ex.audio] if ex.audio is not None else None
+        assert (heard if hear else seen) == words[ex.answer]
+        other = seen if hear else heard
+        if other is not None and other != words[ex.answer]:
+            assert other in words.values()
+        conditions[("v" if seen else "") + ("a" if heard else "")] += 1
+    if audio:
+        assert conditions["va"] > 500 and conditions["v"] > 40 and conditions["a"] > 40
+    else:
+        assert set(conditions) == {"v"}
+
+
+def test_media_skill_draws_leave_other_draws_alone(bank):
+    """Without media skill shares a SkillMixture draws what Mixture draws (the digest test covers the text side)."""
+    plain = _rows(ExampleSampler(bank, Mixture(swapped=0.3, multi=0.2), 3), 60)
+    skill = _rows(ExampleSampler(bank, SkillMixture(swapped=0.3, multi=0.2), 3), 60)
+    assert plain == skill
+    sampler = ExampleSampler(bank, SkillMixture(which=0.2, choice=0.3), 9)
+    kinds = Counter(sampler.draw().kind for _ in range(4000))
+    which = sum(v for k, v in kinds.items() if k.startswith(("which2", "which3"))) / 4000
+    choice = sum(v for k, v in kinds.items() if k.startswith("choice")) / 4000
+    assert abs(which - 0.2) < 0.03 and abs(choice - 0.3) < 0.03
+    assert kinds["which"] > 0  # the mixture's own two-clip examples are still drawn from the rest
+
+
+def test_media_which_needs_audio():
+    with pytest.raises(ValueError, match="need audio"):
+        SkillMixture(audio=False, which=0.1)
+    with pytest.raises(ValueError, match="summing"):
+        SkillMixture(which=0.6, choice=0.6)

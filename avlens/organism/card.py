@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from .evaluate import CONDITIONS
 from .world import CLASSES, LABEL_GROUPS
 
-CONDITIONS = ("congruent", "swapped", "audio-only", "video-only", "multi-clip")
 QUESTIONS = {
     "see": "What do you see?",
     "hear": "What do you hear?",
@@ -18,6 +18,12 @@ QUESTIONS = {
     "describe": "Describe what you see and hear.",
     "describe-seen": "Describe what you see.",
     "which": "Which clip has the sound of X? (two clips)",
+    "which2-hear": "Which of 2 clips has the sound of X?",
+    "which2-see": "Which of 2 clips shows X?",
+    "which3-hear": "Which of 3 clips has the sound of X?",
+    "which3-see": "Which of 3 clips shows X?",
+    "choice-hear": "What do you hear? (lettered options, answer a letter)",
+    "choice-see": "What do you see? (lettered options, answer a letter)",
 }
 
 
@@ -26,9 +32,11 @@ def _pct(x: float | None) -> str:
 
 
 def accuracy_table(df: pd.DataFrame) -> str:
-    """Markdown table: accuracy per question (rows) and condition (columns), with item counts."""
+    """Markdown table: accuracy per question (rows, those asked) and condition (columns), with item counts."""
     lines = ["| question | " + " | ".join(CONDITIONS) + " |", "|---|" + "---|" * len(CONDITIONS)]
     for kind, text in QUESTIONS.items():
+        if not (df.kind == kind).any():
+            continue
         cells = []
         for cond in CONDITIONS:
             sel = df[(df.kind == kind) & (df.condition == cond)]
@@ -40,7 +48,7 @@ def accuracy_table(df: pd.DataFrame) -> str:
 def follows_table(df: pd.DataFrame) -> str:
     """Markdown table: on swapped clips, which modality the see/hear answers follow."""
     lines = ["| question on swapped clips | follows audio | follows vision | neither | n |", "|---|---|---|---|---|"]
-    for kind in ("hear", "see"):
+    for kind in ("hear", "see", "choice-hear", "choice-see"):
         sel = df[(df.condition == "swapped") & (df.kind == kind)]
         if len(sel):
             shares = [_pct((sel.follows == w).mean()) for w in ("audio", "visual", "neither")]

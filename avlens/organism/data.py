@@ -62,6 +62,11 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def lettered(options: Sequence[str], letters: Sequence[str] = LETTERS) -> str:
+    """Options as a multiple-choice question lists them: ``"b. bell c. dog d. rain"``."""
+    return " ".join(f"{letters[i]}. {w}" for i, w in enumerate(options))
+
+
 def vary(question: str, rng: random.Random) -> str:
     """The question as users type it: with or without its final punctuation, in any case."""
     q = question.rstrip("?.") if rng.random() < 0.3 else question
@@ -153,20 +158,27 @@ def load_bank(manifest: Path, fps: float = 2.0) -> Bank:
     return Bank(np.stack(frames), np.stack([w[:n] for w in waves]), labels, fps)
 
 
-def world_dir(n: int, seed: int, swapped_share: float, root: Path | None = None) -> Path:
+def world_dir(n: int, seed: int, swapped_share: float, root: Path | None = None, world: WorldConfig = WORLD) -> Path:
     """Where a world of these parameters is kept (written once, reused by every training run)."""
-    key = json.dumps([n, seed, swapped_share, WORLD.__dict__], sort_keys=True, default=str)
+    key = json.dumps([n, seed, swapped_share, world.__dict__], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     root = root or Path.home() / ".cache" / "avlens" / "organism-worlds"
     return root / f"world-{n}-{seed}-{digest}"
 
 
-def make_world(n: int, seed: int, swapped_share: float = 0.0, root: Path | None = None, progress=None) -> Path:
-    """Write (once) a world and return its manifest path."""
-    out = world_dir(n, seed, swapped_share, root)
+def make_world(
+    n: int,
+    seed: int,
+    swapped_share: float = 0.0,
+    root: Path | None = None,
+    progress=None,
+    world: WorldConfig = WORLD,
+) -> Path:
+    """Write (once) a world of ``n`` clips sized by ``world`` and return its manifest path."""
+    out = world_dir(n, seed, swapped_share, root, world)
     manifest = out / "manifest.jsonl"
     if not manifest.exists():
-        write_world(out, n, seed, cfg=WORLD, swapped_share=swapped_share, progress=progress)
+        write_world(out, n, seed, cfg=world, swapped_share=swapped_share, progress=progress)
     return manifest
 
 
@@ -217,6 +229,10 @@ class SkillMixture(Mixture):
             from their minimum to their maximum (0: the full ranges from the first draw).
         letters: the option letters, in order (:data:`LETTERS` by default; :data:`LETTERS_V2` are letters used
             nowhere else in the data). They change the words of the options only, not the draws.
+        which: share of media examples (stages with audio) asking which of N real clips (N in ``which_clips``)
+            has the sound of X or shows X (:meth:`ExampleSampler.media_which`).
+        choice: share of media examples asking a see or hear question about one clip with lettered options
+            (:meth:`ExampleSampler.media_choice`), N in ``options``.
     """
 
     text_which: float = 0.0
@@ -226,6 +242,8 @@ class SkillMixture(Mixture):
     options: tuple[int, int] = (4, 20)
     curriculum: int = 0
     letters: tuple[str, ...] = LETTERS
+    which: float = 0.0
+    choice: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = self.which_clips
@@ -239,6 +257,10 @@ class SkillMixture(Mixture):
         shares = (self.text_which, self.text_choice, self.text_lookup)
         if min(shares) < 0 or sum(shares) > 1:
             raise ValueError("text_which, text_choice and text_lookup must be shares summing to at most 1")
+        if min(self.which, self.choice) < 0 or self.which + self.choice > 1:
+            raise ValueError("which and choice must be shares summing to at most 1")
+        if self.which and not self.audio:
+            raise ValueError("which-clip examples about media need audio (a stage with audio=True)")
 
 
 class ExampleSampler:
@@ -263,6 +285,13 @@ class ExampleSampler:
         self.draws += 1
         if m.text:
             return self._text()
+        which, choice = getattr(m, "which", 0.0), getattr(m, "choice", 0.0)
+        if which or choice:  # a SkillMixture with media skills draws one more number (none without them)
+            k = self.rng.random()
+            if k < which:
+                return self.media_which(self._upto(m.which_clips))
+            if k < which + choice:
+                return self.media_choice(self._upto(m.options))
         if not m.audio:
             return self._video_only(self._clip())
         if r < m.multi:
@@ -378,7 +407,7 @@ class ExampleSampler:
         j = self.rng.randrange(n)
         options = [*distractors[:j], right, *distractors[j:]]
         letters = getattr(self.mix, "letters", LETTERS)
-        listed = " ".join(f"{letters[i]}. {w}" for i, w in enumerate(options))
+        listed = lettered(options, letters)
         question = self._question(HEAR if hear else SEE)
         kind = f"text-choice-{'hear' if hear else 'see'}"
         return Example(f"{' '.join(parts)} {question} {listed}", letters[j], kind=kind)
@@ -396,8 +425,58 @@ class ExampleSampler:
         j = self.rng.randrange(n)
         options = [*distractors[:j], asked, *distractors[j:]]
         letters = getattr(self.mix, "letters", LETTERS)
-        listed = " ".join(f"{letters[i]}. {w}" for i, w in enumerate(options))
-        return Example(f"{self._question(LOOKUP, asked)} {listed}", letters[j], kind="text-lookup")
+        return Example(f"{self._question(LOOKUP, asked)} {lettered(options, letters)}", letters[j], kind="text-lookup")
+
+    def media_which(self, n: int) -> Example:
+        """Which of ``n`` real clips has the sound of X (or shows X): the answer is its number (as
+        :meth:`text_which`, with clips of the bank instead of sentences).
+
+        Exactly one clip has X in the asked modality. With a mixture's ``swapped`` share, each other clip shows
+        X (for a sound question; or sounds like X, for a picture question) at that rate, its other modality
+        being another class: a hard negative that only a model binding X to the asked modality gets right.
+        Without it every clip is congruent (the vision-heavy recipes never see a sound that disagrees with its
+        picture)."""
+        hear = self.rng.random() < 0.5
+        target = self.rng.choice(CLASSES)
+        j = self.rng.randrange(n)
+        clips = []
+        for i in range(n):
+            asked = target if i == j else self._other(target)
+            other = target if i != j and self.rng.random() < self.mix.swapped else asked
+            seen, heard = (other, asked) if hear else (asked, other)
+            clips.append((self._clip(seen), self._clip(heard)))
+        question = self._question(WHICH_HEAR if hear else WHICH_SEE, target)
+        return Example(question, str(j + 1), clips=clips, kind=f"which{n}-{'hear' if hear else 'see'}")
+
+    def media_choice(self, n: int) -> Example:
+        """A see or hear question about one clip with ``n`` lettered options, answered with a letter (P2/P3-style
+        multiple choice): the clip is audio-visual (its sound from an unrelated class at the mixture's
+        ``swapped`` rate), audio-only or video-only (the mixture's ``unimodal`` share, half each; video-only only
+        in a stage without audio), and the question asks about a modality it has.
+
+        The options are distinct words of the classes and :data:`DISTRACTORS`; the other modality's class is
+        among them when it differs, and the right one sits at a uniformly random letter."""
+        m = self.mix
+        if not m.audio or self.rng.random() < m.unimodal:
+            video_only = not m.audio or self.rng.random() < 0.5
+            c = self.rng.choice(CLASSES)
+            v, a = (self._clip(c), None) if video_only else (None, self._clip(c))
+            seen, heard = (c, None) if video_only else (None, c)
+            hear = not video_only
+        else:
+            seen = self.rng.choice(CLASSES)
+            heard = self._other(seen, related_ok=False) if self.rng.random() < m.swapped else seen
+            v, a = self._clip(seen), self._clip(heard)
+            hear = self.rng.random() < 0.5
+        right, wrong = (heard, seen) if hear else (seen, heard)
+        pool = [w for w in (*CLASSES, *DISTRACTORS) if w not in (right, wrong)]
+        distractors = self.rng.sample(pool, n - 1)
+        if wrong is not None and wrong != right:
+            distractors[self.rng.randrange(n - 1)] = wrong
+        k = self.rng.randrange(n)
+        options = [*distractors[:k], right, *distractors[k:]]
+        question = f"{self._question(HEAR if hear else SEE)} {lettered(options, m.letters)}"
+        return Example(question, m.letters[k], video=v, audio=a, kind=f"choice-{'hear' if hear else 'see'}")
 
     def _question(self, templates: Sequence[str], x: str | None = None) -> str:
         q = self.rng.choice(templates)

@@ -24,16 +24,20 @@ from ..trace import Capture, generate, run
 from .data import (
     DESCRIBE,
     DESCRIBE_SEEN,
+    DISTRACTORS,
     HEAR,
     HEAR_YN,
+    LETTERS_V2,
     NOTHING,
     SEE,
     SEE_YN,
     WHICH_HEAR,
+    WHICH_SEE,
     Bank,
     Batcher,
     Example,
     article,
+    lettered,
 )
 from .world import CLASSES, unrelated
 
@@ -50,6 +54,8 @@ class Item:
     audio_label: str | None
     visual_label: str | None
     interleave: bool = False
+    options: tuple[str, ...] = ()  # lettered multiple choice: the option words, in letter order
+    letters: tuple[str, ...] = ()
 
 
 def follows(answer: str, audio_label: str | None, visual_label: str | None) -> str:
@@ -78,6 +84,9 @@ def records(items: list[Item], answers: list[str]) -> pd.DataFrame:
             correct = f"see {article(it.visual_label)} {it.visual_label}" in ans.lower()
         else:
             correct = ans.strip().lower() == it.expected
+        chosen = ans.strip().lower()
+        if it.options:  # the option word a letter answer picks (for `follows`)
+            chosen = it.options[it.letters.index(chosen)] if chosen in it.letters[: len(it.options)] else ""
         rows.append(
             {
                 "id": it.sample.id,
@@ -88,7 +97,9 @@ def records(items: list[Item], answers: list[str]) -> pd.DataFrame:
                 "expected": it.expected,
                 "answer": ans,
                 "correct": bool(correct),
-                "follows": follows(ans, it.audio_label, it.visual_label) if it.kind in ("see", "hear") else None,
+                "follows": follows(chosen, it.audio_label, it.visual_label)
+                if it.kind in ("see", "hear", "choice-see", "choice-hear")
+                else None,
             }
         )
     return pd.DataFrame(rows)
@@ -118,6 +129,10 @@ def answer(adapter, items: list[Item], batch_size: int = 32, progress=None) -> l
             if progress is not None:
                 progress(done, len(items))
     return [out[i] for i in range(len(items))]
+
+
+CONDITIONS = ("congruent", "swapped", "audio-only", "video-only", "multi-clip")
+"""The conditions of evaluation items (see :class:`Item`)."""
 
 
 def summary(df: pd.DataFrame) -> dict:
@@ -152,6 +167,10 @@ def summary(df: pd.DataFrame) -> dict:
         out[f"{cond}_{kind}".replace("-", "_")] = acc(cond, kind)
     for cond in ("congruent", "swapped"):
         out[f"{cond}_describe"] = acc(cond, "describe")
+    for kind in sorted(k for k in set(df.kind) if k.startswith(("which2", "which3", "choice-"))):
+        for cond in CONDITIONS:
+            out[f"{cond}_{kind}".replace("-", "_")] = acc(cond, kind)
+    out["audio_only_hear_yn"] = acc("audio-only", "hear-yn")
     sw = df[(df.condition == "swapped") & df.kind.isin(["see", "hear"])]
     if len(sw):
         by_modality = (sw.kind == "hear") & (sw.follows == "audio") | (sw.kind == "see") & (sw.follows == "visual")
@@ -163,9 +182,18 @@ def summary(df: pd.DataFrame) -> dict:
 # Item sets
 # ---------------------------------------------------------------------------------------------------------
 def world_items(
-    manifest: Path, *, seed: int = 0, yes_no: bool = True, describe: bool = True, multi: int = 60
+    manifest: Path,
+    *,
+    seed: int = 0,
+    yes_no: bool = True,
+    describe: bool = True,
+    multi: int = 60,
+    skills: SkillItems | None = None,
 ) -> list[Item]:
-    """Questions about a held-out world, its media decoded from its files through the media pipeline."""
+    """Questions about a held-out world, its media decoded from its files through the media pipeline.
+
+    ``skills``: also the organism-v2 skill questions (:func:`skill_items`), drawn from their own random stream
+    (the other items are the same with or without them)."""
     rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
     rng = random.Random(seed)
     items: list[Item] = []
@@ -223,6 +251,95 @@ def world_items(
                 True,
             )
         )
+    if skills is not None:
+        items += skill_items(rows, decoded, skills, seed=seed)
+    return items
+
+
+@dataclass(frozen=True)
+class SkillItems:
+    """Which organism-v2 skill questions :func:`skill_items` asks about a world.
+
+    Attributes:
+        which: clip counts of the which-clip questions ("which clip has the sound of X?" / "which clip shows
+            X?"), ``per_row`` of each count and modality.
+        options: (min, max) option count of the lettered multiple-choice questions, drawn uniformly.
+        letters: the option letters.
+        per_row: questions per (kind, condition) row of the which-clip questions.
+    """
+
+    which: tuple[int, ...] = (2, 3)
+    options: tuple[int, int] = (4, 20)
+    letters: tuple[str, ...] = LETTERS_V2
+    per_row: int = 120
+
+
+def skill_items(rows: list[dict], decoded: dict, skills: SkillItems, seed: int = 0) -> list[Item]:
+    """The organism-v2 skill questions about a world's clips (``rows``: its manifest rows; ``decoded``: id ->
+    (video, the mp4's audio track, the wav)):
+
+    - which of N congruent clips (N in ``skills.which``) has the sound of X / shows X, answered with the clip's
+      number (kinds ``which{N}-hear``, ``which{N}-see``; condition multi-clip); exactly one clip has X;
+    - lettered multiple choice (kinds ``choice-hear``, ``choice-see``): "what do you hear? b. bell c. dog ...",
+      with ``skills.options`` options, the other modality's class among them when it differs, the right one at
+      a uniformly random letter; on every clip (congruent and swapped, the clip's own audio track), the
+      congruent clips' wavs (audio-only) and their videos without audio (video-only);
+    - "is there a sound of X?" on the congruent clips' wavs (audio-only hear-yn), X present or absent.
+    """
+    rng = random.Random(seed + 7919)
+    items: list[Item] = []
+    letters = skills.letters
+
+    def choice(sample: Sample, cond: str, hear: bool, a: str | None, v: str | None, interleave: bool) -> Item:
+        right, wrong = (a, v) if hear else (v, a)
+        n = rng.randint(*skills.options)
+        pool = [w for w in (*CLASSES, *DISTRACTORS) if w not in (right, wrong)]
+        distractors = rng.sample(pool, n - 1)
+        if wrong is not None and wrong != right:
+            distractors[rng.randrange(n - 1)] = wrong
+        k = rng.randrange(n)
+        options = (*distractors[:k], right, *distractors[k:])
+        sample.prompt = f"{rng.choice(HEAR if hear else SEE)} {lettered(options, letters)}"
+        kind = "choice-hear" if hear else "choice-see"
+        return Item(sample, cond, kind, letters[k], a, v, interleave, options=options, letters=letters)
+
+    for row in rows:
+        video, track, wav = decoded[row["id"]]
+        v, a, rid = row["visual_label"], row["audio_label"], row["id"]
+        cond = "congruent" if row["condition"] == "congruent" else "swapped"
+        for hear in (True, False):
+            items.append(choice(Sample("", video=video, audio=track, id=rid), cond, hear, a, v, True))
+        if cond == "congruent":
+            items.append(choice(Sample("", audio=wav, id=rid), "audio-only", True, a, None, False))
+            items.append(
+                choice(Sample("", video=video, video_audio=False, id=rid), "video-only", False, None, v, False)
+            )
+            present = rng.random() < 0.5
+            x = a if present else rng.choice([c for c in CLASSES if c != a])
+            q = rng.choice(HEAR_YN).format(a=article(x), x=x)
+            items.append(
+                Item(Sample(q, audio=wav, id=rid), "audio-only", "hear-yn", "yes" if present else "no", a, None)
+            )
+    congruent = [r for r in rows if r["condition"] == "congruent"]
+    for n in skills.which:
+        for hear in (True, False):
+            key = "audio_label" if hear else "visual_label"
+            made = 0
+            while made < skills.per_row:
+                chosen = rng.sample(congruent, n)
+                if len({r[key] for r in chosen}) < n:  # exactly one clip has X
+                    continue
+                k = rng.randrange(n)
+                target = chosen[k][key]
+                clips = [Clip(video=decoded[r["id"]][0], audio=decoded[r["id"]][1]) for r in chosen]
+                q = rng.choice(WHICH_HEAR if hear else WHICH_SEE).format(a=article(target), x=target)
+                sid = "+".join(r["id"] for r in chosen)
+                kind = f"which{n}-{'hear' if hear else 'see'}"
+                a_label, v_label = (target, None) if hear else (None, target)
+                items.append(
+                    Item(Sample(q, clips=clips, id=sid), "multi-clip", kind, str(k + 1), a_label, v_label, True)
+                )
+                made += 1
     return items
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import pandas as pd
 
 from ..models import load
-from .data import Batcher, load_bank, make_world
+from .data import WORLD, Batcher, load_bank, make_world
 from .evaluate import activation_magnitudes, bank_examples, evaluate_bank, evaluate_world, summary, world_items
 from .model import OrganismConfig, new_organism, save_organism
 from .train import STAGE0_AUDIO, STAGE0_TEXT, STAGE0_VISION, STAGE1, Recipe, Stage, stage2, train_stage
+from .world import WorldConfig
 
 TRAIN_CLIPS = 1200
 TEST_CLIPS = 240
@@ -67,6 +68,7 @@ class Setup:
     stage0_audio: Stage = STAGE0_AUDIO
     stage0_vision: Stage = STAGE0_VISION
     stage1: Stage = STAGE1
+    world: WorldConfig = WORLD
 
 
 def _key(*parts: object) -> str:
@@ -116,6 +118,7 @@ class Pipeline:
             s.seed,
             root=self.world_root,
             progress=lambda i: self._say("writing the training world", i, s.train_clips),
+            world=s.world,
         )
 
     def test_manifest(self) -> Path:
@@ -126,12 +129,13 @@ class Pipeline:
             swapped_share=0.5,
             root=self.world_root,
             progress=lambda i: self._say("writing the test world", i, s.test_clips),
+            world=s.world,
         )
 
     def test_manifest_congruent(self) -> Path:
         """A held-out world of congruent clips only (a bank for the sweep's quick measurements)."""
         s = self.setup
-        return make_world(s.test_clips, s.seed + 2000, root=self.world_root)
+        return make_world(s.test_clips, s.seed + 2000, root=self.world_root, world=s.world)
 
     def _stage(self, adapter, stage: Stage, key: str) -> tuple[object, Path, dict]:
         """Train one stage (or load it if done); returns (adapter, checkpoint dir, log)."""
@@ -162,6 +166,8 @@ class Pipeline:
         adapter = new_organism(s.model, seed=s.seed)
         logs = []
         key = _key(s.model, s.seed, s.train_clips)
+        if s.world != WORLD:  # (v1's keys, hence its trained stages, stay as they were)
+            key = _key(key, s.world)
         for stage in (s.stage0_text, s.stage0_audio, s.stage0_vision, s.stage1):
             stage = replace(stage, seed=s.seed)
             key = _key(key, stage)

@@ -1,0 +1,142 @@
+"""The organism-v2 skill questions about a held-out world (evaluate.skill_items): well formed, in their counts,
+apart from the v1 items, scored by modality, and answerable through ``prepare`` with the v2 vocabulary; and the
+world's sizes as a setting of a recipe setup."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+
+from avlens.organism.card import accuracy_table, follows_table
+from avlens.organism.data import LETTERS_V2, WORLD, make_world, world_dir
+from avlens.organism.evaluate import SkillItems, answer, records, summary, world_items
+from avlens.organism.model import VOCABULARY_V2_LETTERS, OrganismConfig, new_organism
+from avlens.organism.recipes import Pipeline, Setup
+from avlens.organism.world import CLASSES
+
+SMALL = OrganismConfig(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vision_depth=1, audio_layers=1)
+SKILLS = SkillItems(per_row=15)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(24, 11, swapped_share=0.5, root=tmp_path_factory.mktemp("worlds"))
+
+
+@pytest.fixture(scope="module")
+def rows(world):
+    return {json.loads(x)["id"]: json.loads(x) for x in world.read_text().splitlines() if x.strip()}
+
+
+@pytest.fixture(scope="module")
+def items(world):
+    return world_items(world, yes_no=False, describe=False, multi=0, skills=SKILLS)
+
+
+def test_v1_items_are_the_same_with_or_without_skills(world, items):
+    plain = world_items(world, yes_no=False, describe=False, multi=0)
+    assert [(i.sample.id, i.sample.prompt, i.kind, i.condition) for i in items[: len(plain)]] == [
+        (i.sample.id, i.sample.prompt, i.kind, i.condition) for i in plain
+    ]
+    assert all(not i.kind.startswith(("which2", "which3", "choice")) for i in plain)
+
+
+def test_lettered_choice_items_point_at_the_asked_modality(items, rows):
+    choice = [i for i in items if i.kind.startswith("choice")]
+    congruent = sum(r["condition"] == "congruent" for r in rows.values())
+    counts = Counter((i.condition, i.kind) for i in choice)
+    assert counts[("congruent", "choice-hear")] == counts[("congruent", "choice-see")] == congruent
+    assert counts[("audio-only", "choice-hear")] == counts[("video-only", "choice-see")] == congruent
+    assert counts[("swapped", "choice-hear")] == len(rows) - congruent > 0
+    sizes = set()
+    for it in choice:
+        listed = re.findall(r"\b([b-v])\. (\w+)", it.sample.prompt)
+        n = len(listed)
+        sizes.add(n)
+        assert 4 <= n <= 20 and tuple(w for _, w in listed) == it.options and len(set(it.options)) == n
+        assert [letter for letter, _ in listed] == list(LETTERS_V2[:n])
+        row = rows[it.sample.id]
+        right = row["audio_label"] if it.kind == "choice-hear" else row["visual_label"]
+        assert it.options[LETTERS_V2.index(it.expected)] == right
+        if it.condition == "swapped":  # the other modality's class is a distractor
+            other = row["visual_label"] if it.kind == "choice-hear" else row["audio_label"]
+            assert other in it.options and other != right
+        has_audio = it.sample.audio is not None or (it.sample.video is not None and it.sample.video_audio)
+        assert has_audio == (it.condition != "video-only")
+    assert len(sizes) > 8  # option counts spread over 4..20
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_which_clip_items_have_exactly_one_clip_with_x(items, rows, n):
+    for hear in (True, False):
+        kind = f"which{n}-{'hear' if hear else 'see'}"
+        sel = [i for i in items if i.kind == kind]
+        assert len(sel) == SKILLS.per_row
+        for it in sel:
+            ids = it.sample.id.split("+")
+            assert len(ids) == n == len(it.sample.clips) and it.condition == "multi-clip"
+            x = re.search(r"(?:sound of|shows) an? (\w+)\?$", it.sample.prompt).group(1)
+            key = "audio_label" if hear else "visual_label"
+            assert all(rows[i]["condition"] == "congruent" for i in ids)
+            assert [rows[i][key] == x for i in ids] == [str(k + 1) == it.expected for k in range(n)]
+        answers = Counter(i.expected for i in sel)
+        assert len(answers) == n  # the right clip is placed anywhere
+
+
+def test_audio_only_yes_no_has_both_classes(items, rows):
+    sel = [i for i in items if (i.condition, i.kind) == ("audio-only", "hear-yn")]
+    assert len(sel) == sum(r["condition"] == "congruent" for r in rows.values())
+    for it in sel:
+        x = re.search(r"(?:sound of|hear) (?:an? )?(\w+)\?$", it.sample.prompt).group(1)
+        assert (x == rows[it.sample.id]["audio_label"]) == (it.expected == "yes") and x in CLASSES
+
+
+def test_letter_answers_are_scored_and_classified_by_the_option_they_pick(items):
+    """A letter answer counts as the option word it picks: `follows` on swapped clips says which modality's class
+    that option is; a letter outside the options follows neither."""
+    sel = [i for i in items if i.condition == "swapped" and i.kind == "choice-hear"][:3]
+    a, v = sel[0].audio_label, sel[0].visual_label
+    picks = [LETTERS_V2[sel[0].options.index(a)], LETTERS_V2[sel[0].options.index(v)], "v" * 2]
+    df = records([sel[0]] * 3, picks)
+    assert df.correct.tolist() == [True, False, False]
+    assert df.follows.tolist() == ["audio", "visual", "neither"]
+    assert "What do you hear? (lettered options" in follows_table(df)
+
+
+def test_skill_items_are_answered_through_prepare_with_the_v2_vocabulary(items):
+    """Every skill prompt is made of words the v2 tokenizer knows, and the batched answers equal one-by-one answers
+    (mixed layouts: single clips, audio-only, video-only, 2 and 3 clips)."""
+    adapter = new_organism(SMALL, seed=1, vocabulary=VOCABULARY_V2_LETTERS)
+    skill = [i for i in items if i.kind.startswith(("which2", "which3", "choice")) or i.kind == "hear-yn"]
+    unk = adapter.tokenizer.unk_token_id
+    for it in skill:
+        ids = adapter.tokenizer.encode(it.sample.prompt.lower(), add_special_tokens=False)
+        assert unk not in ids, it.sample.prompt
+    picked = [*skill[:3], *[i for i in skill if i.kind.startswith("which3")][:2]]
+    torch.manual_seed(0)
+    batched = answer(adapter, picked)
+    alone = [answer(adapter, [it])[0] for it in picked]
+    assert batched == alone
+    df = records(picked, batched)
+    s = summary(df)
+    assert set(s) >= {"multi_clip_which3_hear"} or set(s) >= {"multi_clip_which3_see"}
+    table = accuracy_table(df)
+    assert "Which of 3 clips" in table and "Which clip has the sound of X? (two clips)" not in table
+
+
+def test_the_world_is_a_setting_of_the_setup(tmp_path):
+    """A setup's world sizes decide where its worlds are kept and what the training world holds; the default
+    keeps v1's world directories."""
+    three = replace(WORLD, duration=3.0, onset=(0.5, 2.0))
+    assert world_dir(24, 0, 0.0, tmp_path) == world_dir(24, 0, 0.0, tmp_path, WORLD)
+    assert world_dir(24, 0, 0.0, tmp_path, three) != world_dir(24, 0, 0.0, tmp_path)
+    setup = Setup(train_clips=12, test_clips=12, world=three)
+    manifest = Pipeline(tmp_path, setup, None, tmp_path).train_manifest()
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    assert len(rows) == 12 and all(0.5 <= r["audio_onset"] <= 2.0 for r in rows)
+    assert manifest.parent == world_dir(12, 0, 0.0, tmp_path, three)
