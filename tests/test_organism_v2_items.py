@@ -140,3 +140,51 @@ def test_the_world_is_a_setting_of_the_setup(tmp_path):
     rows = [json.loads(x) for x in manifest.read_text().splitlines()]
     assert len(rows) == 12 and all(0.5 <= r["audio_onset"] <= 2.0 for r in rows)
     assert manifest.parent == world_dir(12, 0, 0.0, tmp_path, three)
+
+
+def test_a_v2_setup_trains_its_skills_in_the_chunked_layout_and_asks_them(tmp_path):
+    """A setup with the v2 vocabulary, 3 s clips at 1 s chunks and skill shares: its stage 2 draws which-of-N and
+    lettered examples (and v1's default setup keeps a plain stage 2), a 3-clip training batch equals what
+    ``prepare`` builds, and the held-out evaluation asks the skill questions."""
+    from avlens.organism.data import Batcher, ExampleSampler, SkillMixture, load_bank
+    from avlens.organism.evaluate import evaluate_world
+    from avlens.organism.recipes import RECIPES
+    from avlens.organism.train import STAGE0_AUDIO, STAGE0_TEXT, STAGE0_VISION, STAGE1, stage2
+
+    world = replace(WORLD, duration=3.0, onset=(0.5, 2.0))
+    skills = {"which": 0.3, "choice": 0.3, "options": (2, 8), "letters": LETTERS_V2}
+    setup = Setup(
+        train_clips=12,
+        test_clips=12,
+        model=replace(SMALL, seconds_per_chunk=1),
+        world=world,
+        vocabulary=VOCABULARY_V2_LETTERS,
+        stage0_text=replace(STAGE0_TEXT, steps=2, batch=8),
+        stage0_audio=replace(STAGE0_AUDIO, steps=1),
+        stage0_vision=replace(STAGE0_VISION, steps=1),
+        stage1=replace(STAGE1, steps=2, batch=8),
+        skills=skills,
+        skill_items=SkillItems(per_row=2, options=(4, 8)),
+    )
+    pipe = Pipeline(tmp_path, setup, None, tmp_path)
+    assert type(Pipeline(tmp_path, Setup())._stage2(RECIPES["av-balanced"].stage2).mixture).__name__ == "Mixture"
+    stage = pipe._stage2(stage2(steps=3, trainable="audio+lm-full", unimodal=0.1, swapped=0.3))
+    assert isinstance(stage.mixture, SkillMixture) and stage.mixture.which == 0.3 and stage.mixture.swapped == 0.3
+    adapter, directory, logs = pipe.recipe("sweep", replace(stage, batch=8))
+    assert [len(log["loss"]) for log in logs] == [2, 1, 1, 2, 3]
+    assert json.loads((directory / "organism.json").read_text())["stage"]["mixture"]["choice"] == 0.3
+
+    bank = load_bank(pipe.train_manifest())
+    sampler = ExampleSampler(bank, stage.mixture, seed=2)
+    three = next(e for e in iter(sampler.draw, None) if len(e.clips) == 3)
+    lettered = next(e for e in iter(sampler.draw, None) if e.kind.startswith("choice") and e.video is not None)
+    for ex in (three, lettered):
+        batch = Batcher(adapter, bank).batch([ex], with_answers=False)
+        reference = adapter.model_inputs(adapter.prepare([bank.sample(ex)], interleave=True))
+        assert torch.equal(batch["input_ids"], reference["input_ids"])
+        assert (batch["input_ids"] == adapter.tokenizer.unk_token_id).sum() == 0
+        with torch.no_grad():
+            ours, theirs = adapter.model(**batch).logits[:, -1], adapter.model(**reference).logits[:, -1]
+        assert (ours - theirs).abs().max() <= 1e-5
+    df = evaluate_world(adapter, pipe.test_manifest(), yes_no=False, describe=False, multi=0, skills=setup.skill_items)
+    assert {"which3-hear", "which2-see", "choice-hear", "choice-see"} <= set(df.kind)

@@ -19,9 +19,17 @@ from pathlib import Path
 import pandas as pd
 
 from ..models import load
-from .data import WORLD, Batcher, load_bank, make_world
-from .evaluate import activation_magnitudes, bank_examples, evaluate_bank, evaluate_world, summary, world_items
-from .model import OrganismConfig, new_organism, save_organism
+from .data import WORLD, Batcher, SkillMixture, load_bank, make_world
+from .evaluate import (
+    SkillItems,
+    activation_magnitudes,
+    bank_examples,
+    evaluate_bank,
+    evaluate_world,
+    summary,
+    world_items,
+)
+from .model import VOCABULARY, OrganismConfig, new_organism, save_organism
 from .train import STAGE0_AUDIO, STAGE0_TEXT, STAGE0_VISION, STAGE1, Recipe, Stage, stage2, train_stage
 from .world import WorldConfig
 
@@ -69,6 +77,12 @@ class Setup:
     stage0_vision: Stage = STAGE0_VISION
     stage1: Stage = STAGE1
     world: WorldConfig = WORLD
+    vocabulary: tuple[str, ...] = VOCABULARY
+    skills: dict = field(default_factory=dict)
+    """SkillMixture fields added to every stage-2 mixture (e.g. ``{"which": 0.1, "choice": 0.2, ...}``); none
+    by default (v1)."""
+    skill_items: SkillItems | None = None
+    """The organism-v2 skill questions of the held-out evaluation (none by default: v1's questions only)."""
 
 
 def _key(*parts: object) -> str:
@@ -163,11 +177,11 @@ class Pipeline:
     def base(self) -> tuple[object, Path, list[dict]]:
         """The vision-language base (stage 0 audio, stage 0 vision, stage 1)."""
         s = self.setup
-        adapter = new_organism(s.model, seed=s.seed)
+        adapter = new_organism(s.model, seed=s.seed, vocabulary=s.vocabulary)
         logs = []
         key = _key(s.model, s.seed, s.train_clips)
-        if s.world != WORLD:  # (v1's keys, hence its trained stages, stay as they were)
-            key = _key(key, s.world)
+        if s.world != WORLD or s.vocabulary != VOCABULARY:  # (v1's keys, hence its trained stages, stay as they were)
+            key = _key(key, s.world, s.vocabulary)
         for stage in (s.stage0_text, s.stage0_audio, s.stage0_vision, s.stage1):
             stage = replace(stage, seed=s.seed)
             key = _key(key, stage)
@@ -179,10 +193,9 @@ class Pipeline:
     def recipe(self, name: str, stage: Stage | None = None) -> tuple[object, Path, list[dict]]:
         """A recipe's checkpoint (``stage`` overrides its stage 2, for sweeps)."""
         adapter, directory, logs = self._loaded.pop() if self._loaded else self.base()
-        stage = stage or RECIPES[name].stage2
+        stage = self._stage2(stage or RECIPES[name].stage2)
         if stage is None:
             return adapter, directory, logs
-        stage = replace(stage, seed=self.setup.seed)
         adapter, directory, log = self._stage(adapter, stage, _key(self._base_key, stage))
         return adapter, directory, [*logs, log]
 
@@ -194,11 +207,19 @@ class Pipeline:
         builds the model on the meta device first), so it must not run while another thread trains: load every
         recipe's base first, then train the recipes side by side."""
         self._loaded = [self.base()]
-        stage = RECIPES[name].stage2
+        stage = self._stage2(RECIPES[name].stage2)
         if stage is None:
             return False
-        stage = replace(stage, seed=self.setup.seed)
         return not (self._stage_dir(stage, _key(self._base_key, stage)) / "organism.json").exists()
+
+    def _stage2(self, stage: Stage | None) -> Stage | None:
+        """A recipe's stage 2 as this setup trains it: its seed, and the setup's skills in its mixture."""
+        if stage is None:
+            return None
+        mixture = stage.mixture
+        if self.setup.skills:
+            mixture = SkillMixture(**{**asdict(mixture), **self.setup.skills})
+        return replace(stage, seed=self.setup.seed, mixture=mixture)
 
     def _stage_dir(self, stage: Stage, key: str) -> Path:
         """Where a stage trained after everything ``key`` stands for is kept."""
@@ -264,7 +285,7 @@ def evaluate_checkpoint(directory: Path, *, setup: Setup = Setup(), progress=Non
     """Evaluate a checkpoint on the held-out world; writes eval.parquet and summary into organism.json."""
     adapter = load(directory)
     pipe = Pipeline(directory.parent, setup, None, world_root)
-    df = evaluate_world(adapter, pipe.test_manifest(), progress=progress)
+    df = evaluate_world(adapter, pipe.test_manifest(), progress=progress, skills=setup.skill_items)
     df.to_parquet(directory / "eval.parquet")
     card = json.loads((directory / "organism.json").read_text())
     card["eval"] = summary(df)
