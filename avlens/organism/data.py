@@ -67,6 +67,20 @@ def lettered(options: Sequence[str], letters: Sequence[str] = LETTERS) -> str:
     return " ".join(f"{letters[i]}. {w}" for i, w in enumerate(options))
 
 
+def draw_options(
+    rng: random.Random, right: str, other: str | None, n: int, with_other: bool = True
+) -> tuple[tuple[str, ...], int]:
+    """``n`` distinct multiple-choice options and the index of ``right`` among them (uniformly placed). The
+    distractors are words of the classes and :data:`DISTRACTORS`; ``other`` (the other modality's class) is one
+    of them when ``with_other`` and it differs from ``right``, and is never drawn otherwise."""
+    pool = [w for w in (*CLASSES, *DISTRACTORS) if w not in (right, other)]
+    distractors = rng.sample(pool, n - 1)
+    if with_other and other is not None and other != right:
+        distractors[rng.randrange(n - 1)] = other
+    k = rng.randrange(n)
+    return (*distractors[:k], right, *distractors[k:]), k
+
+
 def vary(question: str, rng: random.Random) -> str:
     """The question as users type it: with or without its final punctuation, in any case."""
     q = question.rstrip("?.") if rng.random() < 0.3 else question
@@ -400,12 +414,7 @@ class ExampleSampler:
             parts = [parts[1]] if hear else [parts[0]]
         self.rng.shuffle(parts)
         right, wrong = (heard, seen) if hear else (seen, heard)
-        pool = [w for w in (*CLASSES, *DISTRACTORS) if w not in (right, wrong)]
-        distractors = self.rng.sample(pool, n - 1)
-        if has_other and wrong != right:
-            distractors[self.rng.randrange(n - 1)] = wrong
-        j = self.rng.randrange(n)
-        options = [*distractors[:j], right, *distractors[j:]]
+        options, j = draw_options(self.rng, right, wrong, n, with_other=has_other)
         letters = getattr(self.mix, "letters", LETTERS)
         listed = lettered(options, letters)
         question = self._question(HEAR if hear else SEE)
@@ -469,12 +478,7 @@ class ExampleSampler:
             v, a = self._clip(seen), self._clip(heard)
             hear = self.rng.random() < 0.5
         right, wrong = (heard, seen) if hear else (seen, heard)
-        pool = [w for w in (*CLASSES, *DISTRACTORS) if w not in (right, wrong)]
-        distractors = self.rng.sample(pool, n - 1)
-        if wrong is not None and wrong != right:
-            distractors[self.rng.randrange(n - 1)] = wrong
-        k = self.rng.randrange(n)
-        options = [*distractors[:k], right, *distractors[k:]]
+        options, k = draw_options(self.rng, right, wrong, n)
         question = f"{self._question(HEAR if hear else SEE)} {lettered(options, m.letters)}"
         return Example(question, m.letters[k], video=v, audio=a, kind=f"choice-{'hear' if hear else 'see'}")
 

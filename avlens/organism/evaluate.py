@@ -24,7 +24,6 @@ from ..trace import Capture, generate, run
 from .data import (
     DESCRIBE,
     DESCRIBE_SEEN,
-    DISTRACTORS,
     HEAR,
     HEAR_YN,
     LETTERS_V2,
@@ -37,6 +36,7 @@ from .data import (
     Batcher,
     Example,
     article,
+    draw_options,
     lettered,
 )
 from .world import CLASSES, unrelated
@@ -292,13 +292,7 @@ def skill_items(rows: list[dict], decoded: dict, skills: SkillItems, seed: int =
 
     def choice(sample: Sample, cond: str, hear: bool, a: str | None, v: str | None, interleave: bool) -> Item:
         right, wrong = (a, v) if hear else (v, a)
-        n = rng.randint(*skills.options)
-        pool = [w for w in (*CLASSES, *DISTRACTORS) if w not in (right, wrong)]
-        distractors = rng.sample(pool, n - 1)
-        if wrong is not None and wrong != right:
-            distractors[rng.randrange(n - 1)] = wrong
-        k = rng.randrange(n)
-        options = (*distractors[:k], right, *distractors[k:])
+        options, k = draw_options(rng, right, wrong, rng.randint(*skills.options))
         sample.prompt = f"{rng.choice(HEAR if hear else SEE)} {lettered(options, letters)}"
         kind = "choice-hear" if hear else "choice-see"
         return Item(sample, cond, kind, letters[k], a, v, interleave, options=options, letters=letters)
