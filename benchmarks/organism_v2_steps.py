@@ -3,8 +3,9 @@ shipping job would take at v1's step counts. Prints one JSON object.
 
 The organism: 8 decoder layers (hidden from ``--hidden``, head dim 32, FFN 3x), the v2 words, 3 s clips at 224 px
 and 2 fps with 1 s chunks (3 interleaved chunks of 64 video + 25 audio tokens per clip), sounds starting at 0.5-2 s.
-Its stages are v1's (stage0-text with the v2 text skills, stage0-audio, stage0-vision, stage1 with lettered
-see questions, stage 2 of both audio-visual recipes with which-of-2/3 clips and lettered questions), each run
+Its stages are :func:`avlens.organism.recipes.setup_v2`'s (stage0-text with the v2 text skills, stage0-audio,
+stage0-vision, stage1 with lettered see questions, stage 2 of both audio-visual recipes with which-of-2/3 clips
+and lettered questions), each run
 for ``--steps`` steps on a world of ``--clips`` clips from random weights: the time of a step does not depend on
 what the weights know.
 
@@ -28,37 +29,32 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from avlens.organism.data import LETTERS_V2, WORLD, SkillMixture, load_bank, make_world
-from avlens.organism.model import VOCABULARY_V2_LETTERS, OrganismConfig, new_organism
-from avlens.organism.recipes import TRAIN_CLIPS
-from avlens.organism.train import STAGE0_AUDIO, STAGE0_TEXT, STAGE0_VISION, STAGE1, stage2, train_stage
-
-V2_WORLD = replace(WORLD, duration=3.0, onset=(0.5, 2.0))
-SKILLS = {"which": 0.15, "choice": 0.2, "which_clips": (2, 3), "options": (4, 20), "letters": LETTERS_V2}
+from avlens.organism.data import SkillMixture, load_bank, make_world
+from avlens.organism.model import new_organism
+from avlens.organism.recipes import TRAIN_CLIPS, Setup, setup_v2
+from avlens.organism.train import stage2, train_stage
 
 
-def stages(text_batch: int) -> dict:
-    """The stages timed, with v1's step counts (stage 2: both audio-visual recipes)."""
-    text = SkillMixture(
-        text=True, text_which=0.2, text_choice=0.2, text_lookup=0.2, which_clips=(2, 3), options=(2, 20),
-        letters=LETTERS_V2,
-    )  # fmt: skip
-    vl = SkillMixture(audio=False, unimodal=0.0, multi=0.0, choice=0.2, options=(4, 20), letters=LETTERS_V2)
+def stages(setup: Setup, text_batch: int) -> dict:
+    """The stages timed: the v2 setup's, with v1's step counts (stage 2: both audio-visual recipes)."""
+
+    text = setup.stage0_text.mixture
 
     def av(trainable: str, swapped: float):
         s = stage2(steps=250, trainable=trainable, unimodal=0.1, swapped=swapped)
-        return replace(s, mixture=SkillMixture(**{**s.mixture.__dict__, **SKILLS}))
+        return replace(s, mixture=SkillMixture(**{**asdict(s.mixture), **setup.skills}))
 
     return {
-        "stage0-text": replace(STAGE0_TEXT, mixture=text, batch=text_batch),
-        "stage0-audio": STAGE0_AUDIO,
-        "stage0-vision": STAGE0_VISION,
-        "stage1": replace(STAGE1, mixture=vl),
+        # (no curriculum: a step is timed at the full option and clip counts, as after the first quarter)
+        "stage0-text": replace(setup.stage0_text, batch=text_batch, mixture=replace(text, curriculum=0)),
+        "stage0-audio": setup.stage0_audio,
+        "stage0-vision": setup.stage0_vision,
+        "stage1": setup.stage1,
         "stage2-vision-heavy": av("audio+lm", 0.0),
         "stage2-balanced": av("audio+lm-full", 0.3),
     }
@@ -75,20 +71,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     heads = args.hidden // 32
-    config = OrganismConfig(
-        layers=8, hidden=args.hidden, heads=heads, kv_heads=max(1, heads // 2), ffn=3 * args.hidden,
-        seconds_per_chunk=1,
-    )  # fmt: skip
+    setup = setup_v2()
+    config = replace(setup.model, hidden=args.hidden, heads=heads, kv_heads=max(1, heads // 2), ffn=3 * args.hidden)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        manifest = make_world(args.clips, 0, root=Path(tmp), world=V2_WORLD)
+        manifest = make_world(args.clips, 0, root=Path(tmp), world=setup.world)
         world_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         bank = load_bank(manifest, fps=config.fps)
         decode_seconds = time.perf_counter() - t0
-    adapter = new_organism(config, vocabulary=VOCABULARY_V2_LETTERS)
-    per_step, full, setup = {}, {}, {}
-    for name, stage in stages(args.text_batch).items():
+    adapter = new_organism(config, vocabulary=setup.vocabulary)
+    per_step, full, overhead = {}, {}, {}
+    for name, stage in stages(setup, args.text_batch).items():
         times: list[float] = []
         last = [time.perf_counter()]
 
@@ -103,9 +97,9 @@ def main() -> None:
         # what the stage spends besides its steps (before and in its first: caching features of every clip),
         # scaled to the full world
         extra = time.perf_counter() - start - sum(times[1:]) - per_step[name]
-        setup[name] = round(max(0.0, extra) / args.clips * TRAIN_CLIPS, 1)
+        overhead[name] = round(max(0.0, extra) / args.clips * TRAIN_CLIPS, 1)
         full[name] = args.text_steps if name == "stage0-text" else stage.steps
-    projected = {name: round(per_step[name] * full[name] + setup[name], 1) for name in per_step}
+    projected = {name: round(per_step[name] * full[name] + overhead[name], 1) for name in per_step}
     world_total = (world_seconds + decode_seconds) / args.clips * TRAIN_CLIPS
     base = sum(projected[n] for n in ("stage0-text", "stage0-audio", "stage0-vision", "stage1"))
     side_by_side = max(projected["stage2-vision-heavy"], projected["stage2-balanced"])
@@ -117,7 +111,7 @@ def main() -> None:
         "decode_seconds_per_clip": round(decode_seconds / args.clips, 3),
         "seconds_per_step": per_step,
         "v1_steps": full,
-        "setup_seconds": setup,
+        "setup_seconds": overhead,
         "projected_seconds": projected,
         "projected_job_seconds": round(world_total + base + side_by_side, 1),
     }

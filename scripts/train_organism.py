@@ -1,6 +1,7 @@
 """Train, evaluate and ship the organism checkpoints (how the checkpoints inside the package were made).
 
     python scripts/train_organism.py --out organism-runs [--sweep organism-sweep] [--ship]
+    python scripts/train_organism.py --out organism-v2-runs --v2 [--text-steps 2800]   # the organism v2
 
 Trains vl-base, av-vision-heavy and av-balanced into OUT (the world is written under OUT/worlds, so the timing
 includes writing it), evaluates each on the held-out world, writes MODEL.md, and with --ship copies the three
@@ -25,7 +26,15 @@ import torch
 
 from avlens.organism.card import dominance_table, write_model_card
 from avlens.organism.checkpoints import HERE, SHIPPED
-from avlens.organism.recipes import SWEEP_GRID, Pipeline, Setup, evaluate_checkpoint, measure_magnitudes, train
+from avlens.organism.recipes import (
+    SWEEP_GRID,
+    Pipeline,
+    Setup,
+    evaluate_checkpoint,
+    measure_magnitudes,
+    setup_v2,
+    train,
+)
 
 BASE = "vl-base"
 
@@ -39,15 +48,31 @@ def main() -> None:
         "--cards-only", action="store_true", help="only rewrite MODEL.md (and the map) of the checkpoints in OUT"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--v2", action="store_true", help="the organism-v2 setup (recipes.setup_v2)")
+    parser.add_argument("--text-steps", type=int, default=2800, help="with --v2: steps of the text stage")
+    parser.add_argument(
+        "--text-shares",
+        type=float,
+        nargs=3,
+        default=(0.2, 0.2, 0.2),
+        metavar=("WHICH", "CHOICE", "LOOKUP"),
+        help="with --v2: the text stage's shares of which-clip, lettered multiple choice and option lookup",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
+    setup = (
+        setup_v2(args.seed, text_steps=args.text_steps, text_shares=tuple(args.text_shares))
+        if args.v2
+        else Setup(seed=args.seed)
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
     if not args.cards_only:
-        _train_and_evaluate(args.out, Setup(seed=args.seed))
+        _train_and_evaluate(args.out, setup)
     sweep = pd.read_parquet(args.sweep / "dominance_map.parquet") if args.sweep else None
     for name in SHIPPED:
         directory = args.out / name
         if not (directory / "magnitudes.parquet").exists():
-            measure_magnitudes(directory, setup=Setup(seed=args.seed), world_root=args.out / "worlds")
+            measure_magnitudes(directory, setup=setup, world_root=args.out / "worlds")
         card = json.loads((directory / "organism.json").read_text())
         write_model_card(directory, pd.read_parquet(directory / "eval.parquet"), notes=_notes(name, sweep, card))
     if args.ship:

@@ -188,3 +188,28 @@ def test_a_v2_setup_trains_its_skills_in_the_chunked_layout_and_asks_them(tmp_pa
         assert (ours - theirs).abs().max() <= 1e-5
     df = evaluate_world(adapter, pipe.test_manifest(), yes_no=False, describe=False, multi=0, skills=setup.skill_items)
     assert {"which3-hear", "which2-see", "choice-hear", "choice-see"} <= set(df.kind)
+
+
+def test_the_v2_setup_interleaves_three_chunks_with_a_late_sound(tmp_path):
+    """setup_v2 (issue 11 items 1-2): 8 decoder layers; a clip of its world, read by a saved and reloaded
+    checkpoint of its config, is 3 chunks of 64 video + 25 audio tokens (video 2.56x the audio), and its sound
+    starts inside the clip (the manifest's audio_onset, in the world's onset range)."""
+    import avlens
+    from avlens.models.base import Clip
+    from avlens.organism.model import save_organism
+    from avlens.organism.recipes import setup_v2
+
+    setup = setup_v2()
+    assert setup.model.layers == 8 and setup.stage0_text.steps == 2800
+    config = replace(setup.model, vision_depth=1, audio_layers=1)  # (the layout does not depend on depth)
+    save_organism(new_organism(config, vocabulary=setup.vocabulary), tmp_path / "v2")
+    adapter = avlens.load(tmp_path / "v2")
+    manifest = make_world(4, 5, root=tmp_path / "worlds", world=setup.world)
+    lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
+    lo, hi = setup.world.onset
+    assert all(lo <= r["audio_onset"] <= hi for r in lines)
+    video = str(manifest.parent / lines[0]["video"])
+    layout = adapter.prepare([avlens.Sample("what do you hear?", clips=[Clip(video=video)])]).layout
+    chunks = sorted((n for n in layout.names if n.startswith("chunk")), key=lambda n: int(n[5:]))
+    counts = [(int(layout.mask(f"{c}&video").sum()), int(layout.mask(f"{c}&audio").sum())) for c in chunks]
+    assert counts == [(64, 25)] * 3

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..models import load
-from .data import WORLD, Batcher, SkillMixture, load_bank, make_world
+from .data import LETTERS_V2, WORLD, Batcher, SkillMixture, load_bank, make_world
 from .evaluate import (
     SkillItems,
     activation_magnitudes,
@@ -29,7 +29,7 @@ from .evaluate import (
     summary,
     world_items,
 )
-from .model import VOCABULARY, OrganismConfig, new_organism, save_organism
+from .model import VOCABULARY, VOCABULARY_V2_LETTERS, OrganismConfig, new_organism, save_organism
 from .train import STAGE0_AUDIO, STAGE0_TEXT, STAGE0_VISION, STAGE1, Recipe, Stage, stage2, train_stage
 from .world import WorldConfig
 
@@ -83,6 +83,55 @@ class Setup:
     by default (v1)."""
     skill_items: SkillItems | None = None
     """The organism-v2 skill questions of the held-out evaluation (none by default: v1's questions only)."""
+
+
+V2_WORLD = replace(WORLD, duration=3.0, onset=(0.5, 2.0))
+"""The v2 world: 3 s clips (three 1 s chunks), each clip's sound starting 0.5-2 s in (background noise before)."""
+V2_SKILLS = {"which": 0.15, "choice": 0.2, "which_clips": (2, 3), "options": (4, 20), "letters": LETTERS_V2}
+"""The skills added to every v2 stage-2 mixture."""
+
+
+def setup_v2(
+    seed: int = 0,
+    *,
+    text_steps: int = 2800,
+    text_shares: tuple[float, float, float] = (0.2, 0.2, 0.2),
+) -> Setup:
+    """The organism-v2 setup (issue 11): 8 decoder layers at hidden 128 (4 heads, 2 KV heads, FFN 384), the v2
+    words and option letters, 3 s clips whose sound starts at 0.5-2 s, laid out in 1 s chunks (3 interleaved
+    chunks of 64 video + 25 audio tokens), and the skills about several clips and lettered options in every
+    stage that has language:
+
+    - stage 0 text: the text skills (``text_shares``: which of 2-3 clips, lettered multiple choice, option
+      lookup; the rest see / hear / yes-no / describe) with 2-20 options, both counts growing over the first
+      quarter of the draws; lr 5e-4, batch 48, warm-up 100 (the text-stage sweep's best point,
+      docs/organism-v2-status.md);
+    - stage 1: 20% lettered "what do you see?" about one clip, 4-20 options;
+    - stage 2: 15% which of 2-3 clips, 20% lettered questions (4-20 options);
+    - evaluation: the held-out skill rows of :class:`SkillItems` (120 questions per row).
+    """
+    which, choice, lookup = text_shares
+    text = SkillMixture(
+        text=True,
+        text_which=which,
+        text_choice=choice,
+        text_lookup=lookup,
+        which_clips=(2, 3),
+        options=(2, 20),
+        curriculum=int(text_steps * 48 * 0.25),
+        letters=LETTERS_V2,
+    )
+    vl = SkillMixture(audio=False, unimodal=0.0, multi=0.0, choice=0.2, options=(4, 20), letters=LETTERS_V2)
+    return Setup(
+        seed=seed,
+        model=OrganismConfig(layers=8, hidden=128, heads=4, kv_heads=2, ffn=384, seconds_per_chunk=1),
+        stage0_text=Stage("stage0-text", text_steps, {"lm": 1.0}, text, lr=5e-4, batch=48, warmup=100),
+        stage1=replace(STAGE1, mixture=vl),
+        world=V2_WORLD,
+        vocabulary=VOCABULARY_V2_LETTERS,
+        skills=dict(V2_SKILLS),
+        skill_items=SkillItems(),
+    )
 
 
 def _key(*parts: object) -> str:
