@@ -249,6 +249,18 @@ class _Bars:
         return lambda done, total: self(task, done, total)
 
 
+V2_HELP = (
+    "The organism v2: 8 layers, 3 s clips in three 1 s chunks, which-clip and lettered skills (a work in progress,"
+    " see docs/organism-v2-status.md)."
+)
+
+
+def _organism_setup(seed: int, v2: bool):
+    from .organism.recipes import Setup, setup_v2
+
+    return setup_v2(seed) if v2 else Setup(seed=seed)
+
+
 @organism_app.command("train", epilog="Example: avlens organism train --recipe av-balanced --out organism-runs")
 @fails_cleanly
 def organism_train(
@@ -258,15 +270,16 @@ def organism_train(
     ),
     seed: Annotated[int, typer.Option(help="Seed of the world, the initialisation and the data order.")] = 0,
     evaluate: Annotated[bool, typer.Option(help="Evaluate on a held-out world and write MODEL.md.")] = True,
+    v2: Annotated[bool, typer.Option("--v2", help=V2_HELP)] = False,
 ) -> None:
     """Train an organism recipe (stage 0 encoders, stage 1 vision-language base, stage 2 audio-visual).
 
     Stages already trained under --out are reused; an interrupted stage resumes from its last saved step.
     """
     from .organism.card import write_model_card
-    from .organism.recipes import Setup, evaluate_checkpoint, train
+    from .organism.recipes import evaluate_checkpoint, train
 
-    setup = Setup(seed=seed)
+    setup = _organism_setup(seed, v2)
     with _Bars() as bars:
         directory = train(recipe, out, setup=setup, progress=bars)
         if evaluate:
@@ -282,15 +295,16 @@ def organism_sweep(
         Path, typer.Option(help="Directory for the sweep's stages and dominance map (re-run to resume).")
     ] = Path("organism-sweep"),
     seed: Annotated[int, typer.Option(help="Seed of the world and the runs.")] = 0,
+    v2: Annotated[bool, typer.Option("--v2", help=V2_HELP)] = False,
 ) -> None:
     """Train stage 2 over a grid of knobs (trainable parts, unimodal share, swapped share, length) from one
     vision-language base, and write the dominance map: for each recipe, the share of swapped clips whose
     "what do you hear" answer follows the audio, the vision, or neither, with unimodal accuracy beside it."""
     from .organism.card import dominance_table
-    from .organism.recipes import Setup, sweep
+    from .organism.recipes import sweep
 
     with _Bars() as bars:
-        table = sweep(out, setup=Setup(seed=seed), progress=bars)
+        table = sweep(out, setup=_organism_setup(seed, v2), progress=bars)
     (Path(out) / "dominance_map.md").write_text(dominance_table(table) + "\n")
     console.print(dominance_table(table))
 
