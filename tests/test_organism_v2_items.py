@@ -213,3 +213,24 @@ def test_the_v2_setup_interleaves_three_chunks_with_a_late_sound(tmp_path):
     chunks = sorted((n for n in layout.names if n.startswith("chunk")), key=lambda n: int(n[5:]))
     counts = [(int(layout.mask(f"{c}&video").sum()), int(layout.mask(f"{c}&audio").sum())) for c in chunks]
     assert counts == [(64, 25)] * 3
+
+
+def test_the_organism_commands_train_the_v2_setup_with_v2(tmp_path, monkeypatch):
+    """``avlens organism train --v2`` hands setup_v2 to the pipeline (without it, v1's Setup)."""
+    from typer.testing import CliRunner
+
+    from avlens import cli
+    from avlens.organism import recipes
+
+    seen = []
+
+    def fake_train(name, out, *, setup, progress=None):
+        seen.append((name, setup))
+        return tmp_path
+
+    monkeypatch.setattr(recipes, "train", fake_train)
+    for flags in (["--v2"], []):
+        args = ["organism", "train", "--recipe", "vl-base", "--out", str(tmp_path), "--seed", "3", "--no-evaluate"]
+        result = CliRunner().invoke(cli.app, [*args, *flags])
+        assert result.exit_code == 0, result.output
+    assert seen == [("vl-base", recipes.setup_v2(3)), ("vl-base", Setup(seed=3))]
