@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -213,6 +213,10 @@ def test_the_v2_setup_interleaves_three_chunks_with_a_late_sound(tmp_path):
     chunks = sorted((n for n in layout.names if n.startswith("chunk")), key=lambda n: int(n[5:]))
     counts = [(int(layout.mask(f"{c}&video").sum()), int(layout.mask(f"{c}&audio").sum())) for c in chunks]
     assert counts == [(64, 25)] * 3
+    from avlens.organism.card import _layout
+
+    assert "chunks of 1 s, each 64 video tokens and 25 audio tokens" in _layout(asdict(config))  # (MODEL.md's words)
+    assert "chunks of 2 s, each 128 video tokens and 50 audio tokens" in _layout(asdict(SMALL))
 
 
 def test_the_organism_commands_train_the_v2_setup_with_v2(tmp_path, monkeypatch):

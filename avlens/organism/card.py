@@ -89,6 +89,18 @@ def magnitude_table(mag: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _layout(cfg: dict) -> str:
+    """The clip layout of a checkpoint's config (organism.json's "config"), in words: 64 video tokens per two
+    frames at 224x224 (14 px patches merged 2x2), 25 audio tokens per second, interleaved in chunks of
+    ``seconds_per_chunk``."""
+    fps, chunk = cfg.get("fps", 2.0), cfg.get("seconds_per_chunk", 2)
+    video = round(64 * fps / 2 * chunk)
+    return (
+        f"Clips at 224x224 and {fps:g} fps are laid out audio-in-video in chunks of {chunk} s, each {video} video "
+        f"tokens and {25 * chunk} audio tokens."
+    )
+
+
 def write_model_card(directory: Path, df: pd.DataFrame, *, notes: str = "") -> Path:
     """Write ``directory/MODEL.md`` from its organism.json and the evaluation records ``df``."""
     card = json.loads((directory / "organism.json").read_text())
@@ -110,8 +122,7 @@ Text decoder: {cfg.get("layers")} layers, hidden {cfg.get("hidden")}, {cfg.get("
 {cfg.get("kv_heads")} KV heads, FFN {cfg.get("ffn")}. Vision encoder: depth {cfg.get("vision_depth")},
 hidden {cfg.get("vision_hidden")} (patch 14, merge 2, temporal patch 2). Audio encoder:
 {cfg.get("audio_layers")} layers, d_model {cfg.get("audio_hidden")}, 128 mel bins.
-A 2 s clip at 224x224 and 2 fps gives 128 video tokens and 50 audio tokens. Word-level tokenizer with
-Qwen2.5-Omni's special tokens and chat template.
+{_layout(cfg)} Word-level tokenizer with Qwen2.5-Omni's special tokens and chat template.
 
 ## Data
 {len(CLASSES)} classes of sound-making things in four groups ({groups}). Clips are
