@@ -1,7 +1,7 @@
 """Train, evaluate and ship the organism checkpoints (how the checkpoints inside the package were made).
 
     python scripts/train_organism.py --out organism-runs [--sweep organism-sweep] [--ship]
-    python scripts/train_organism.py --out organism-v2-runs --v2 [--text-steps 2800]   # the organism v2
+    python scripts/train_organism.py --out organism-v2-runs --v2 [--text-steps 6000]   # the organism v2
 
 Trains vl-base, av-vision-heavy and av-balanced into OUT (the world is written under OUT/worlds, so the timing
 includes writing it), evaluates each on the held-out world, writes MODEL.md, and with --ship copies the three
@@ -49,7 +49,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--v2", action="store_true", help="the organism-v2 setup (recipes.setup_v2)")
-    parser.add_argument("--text-steps", type=int, default=2800, help="with --v2: steps of the text stage")
+    parser.add_argument("--text-steps", type=int, default=6000, help="with --v2: steps of the text stage")
     parser.add_argument(
         "--text-shares",
         type=float,

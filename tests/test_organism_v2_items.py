@@ -200,7 +200,7 @@ def test_the_v2_setup_interleaves_three_chunks_with_a_late_sound(tmp_path):
     from avlens.organism.recipes import setup_v2
 
     setup = setup_v2()
-    assert setup.model.layers == 8 and setup.stage0_text.steps == 2800
+    assert setup.model.layers == 8 and setup.stage0_text.steps == 6000
     config = replace(setup.model, vision_depth=1, audio_layers=1)  # (the layout does not depend on depth)
     save_organism(new_organism(config, vocabulary=setup.vocabulary), tmp_path / "v2")
     adapter = avlens.load(tmp_path / "v2")

@@ -94,7 +94,7 @@ V2_SKILLS = {"which": 0.15, "choice": 0.2, "which_clips": (2, 3), "options": (4,
 def setup_v2(
     seed: int = 0,
     *,
-    text_steps: int = 2800,
+    text_steps: int = 6000,
     text_shares: tuple[float, float, float] = (0.2, 0.2, 0.2),
 ) -> Setup:
     """The organism-v2 setup (issue 11): 8 decoder layers at hidden 128 (4 heads, 2 KV heads, FFN 384), the v2
@@ -104,8 +104,9 @@ def setup_v2(
 
     - stage 0 text: the text skills (``text_shares``: which of 2-3 clips, lettered multiple choice, option
       lookup; the rest see / hear / yes-no / describe) with 2-20 options, both counts growing over the first
-      quarter of the draws; lr 5e-4, batch 48, warm-up 100 (the text-stage sweep's best point,
-      docs/organism-v2-status.md);
+      quarter of the draws; lr 3e-4, batch 48, warm-up 100 (the text-stage sweep's best point for lettered
+      multiple choice, docs/organism-v2-status.md); 6000 steps, about what the first whole v2 job (36.1 min
+      with 4500 steps at 0.229 s each) leaves room for in the 45 minutes;
     - stage 1: 20% lettered "what do you see?" about one clip, 4-20 options;
     - stage 2: 15% which of 2-3 clips, 20% lettered questions (4-20 options);
     - evaluation: the held-out skill rows of :class:`SkillItems` (120 questions per row).
@@ -125,7 +126,7 @@ def setup_v2(
     return Setup(
         seed=seed,
         model=OrganismConfig(layers=8, hidden=128, heads=4, kv_heads=2, ffn=384, seconds_per_chunk=1),
-        stage0_text=Stage("stage0-text", text_steps, {"lm": 1.0}, text, lr=5e-4, batch=48, warmup=100),
+        stage0_text=Stage("stage0-text", text_steps, {"lm": 1.0}, text, lr=3e-4, batch=48, warmup=100),
         stage1=replace(STAGE1, mixture=vl),
         world=V2_WORLD,
         vocabulary=VOCABULARY_V2_LETTERS,
