@@ -111,7 +111,7 @@ def setup_v2(
     - stage 2: 15% which of 2-3 clips, 20% lettered questions (4-20 options);
     - evaluation: the held-out skill rows of :class:`SkillItems` (120 questions per row).
     """
-    which, choice, lookup = text_shares
+    which, choice, lookup, batch = *text_shares, 48
     text = SkillMixture(
         text=True,
         text_which=which,
@@ -119,14 +119,14 @@ def setup_v2(
         text_lookup=lookup,
         which_clips=(2, 3),
         options=(2, 20),
-        curriculum=int(text_steps * 48 * 0.25),
+        curriculum=int(text_steps * batch * 0.25),  # (draws: the first quarter of the steps)
         letters=LETTERS_V2,
     )
     vl = SkillMixture(audio=False, unimodal=0.0, multi=0.0, choice=0.2, options=(4, 20), letters=LETTERS_V2)
     return Setup(
         seed=seed,
         model=OrganismConfig(layers=8, hidden=128, heads=4, kv_heads=2, ffn=384, seconds_per_chunk=1),
-        stage0_text=Stage("stage0-text", text_steps, {"lm": 1.0}, text, lr=3e-4, batch=48, warmup=100),
+        stage0_text=Stage("stage0-text", text_steps, {"lm": 1.0}, text, lr=3e-4, batch=batch, warmup=100),
         stage1=replace(STAGE1, mixture=vl),
         world=V2_WORLD,
         vocabulary=VOCABULARY_V2_LETTERS,
