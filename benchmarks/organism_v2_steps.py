@@ -29,34 +29,28 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from avlens.organism.data import SkillMixture, load_bank, make_world
+from avlens.organism.data import load_bank, make_world
 from avlens.organism.model import new_organism
-from avlens.organism.recipes import TRAIN_CLIPS, Setup, setup_v2
-from avlens.organism.train import stage2, train_stage
+from avlens.organism.recipes import RECIPES, TRAIN_CLIPS, Setup, setup_v2
+from avlens.organism.train import train_stage
 
 
 def stages(setup: Setup, text_batch: int) -> dict:
     """The stages timed: the v2 setup's, with v1's step counts (stage 2: both audio-visual recipes)."""
-
     text = setup.stage0_text.mixture
-
-    def av(trainable: str, swapped: float):
-        s = stage2(steps=250, trainable=trainable, unimodal=0.1, swapped=swapped)
-        return replace(s, mixture=SkillMixture(**{**asdict(s.mixture), **setup.skills}))
-
     return {
         # (no curriculum: a step is timed at the full option and clip counts, as after the first quarter)
         "stage0-text": replace(setup.stage0_text, batch=text_batch, mixture=replace(text, curriculum=0)),
         "stage0-audio": setup.stage0_audio,
         "stage0-vision": setup.stage0_vision,
         "stage1": setup.stage1,
-        "stage2-vision-heavy": av("audio+lm", 0.0),
-        "stage2-balanced": av("audio+lm-full", 0.3),
+        "stage2-vision-heavy": setup.stage2(RECIPES["av-vision-heavy"].stage2),
+        "stage2-balanced": setup.stage2(RECIPES["av-balanced"].stage2),
     }
 
 

@@ -149,3 +149,9 @@ def screenshot(html_path: Path, tmp_path: Path, height: int = 3000) -> np.ndarra
 def count_colour(image: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 6) -> int:
     """Pixels of ``image`` (H, W, 3) within ``tolerance`` of ``rgb`` in every channel."""
     return int((np.abs(image.astype(int) - np.array(rgb)).max(axis=-1) <= tolerance).sum())
+
+
+def chunk_counts(layout) -> list[tuple[int, int]]:
+    """(video tokens, audio tokens) of each interleaved chunk of a prepared batch's layout, in order."""
+    chunks = sorted((n for n in layout.names if n.startswith("chunk")), key=lambda n: int(n[5:]))
+    return [(int(layout.mask(f"{c}&video").sum()), int(layout.mask(f"{c}&audio").sum())) for c in chunks]

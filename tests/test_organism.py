@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import chunk_counts
 
 import avlens
 from avlens.organism.data import WORLD, Batcher, ExampleSampler, Mixture, load_bank, make_world
@@ -109,9 +110,7 @@ def test_a_checkpoint_keeps_its_clip_layout(world, world3, tmp_path):
         adapter = avlens.load(name)
         assert adapter.options.fps == config.fps and adapter.model.config.seconds_per_chunk == config.seconds_per_chunk
         video = str(manifest.parent / json.loads(manifest.read_text().splitlines()[0])["video"])
-        layout = adapter.prepare([avlens.Sample("what do you hear?", clips=[Clip(video=video)])]).layout
-        chunks = sorted((n for n in layout.names if n.startswith("chunk")), key=lambda n: int(n[5:]))
-        return [(int(layout.mask(f"{c}&video").sum()), int(layout.mask(f"{c}&audio").sum())) for c in chunks]
+        return chunk_counts(adapter.prepare([avlens.Sample("what do you hear?", clips=[Clip(video=video)])]).layout)
 
     assert layout_of(CHUNKED, world3) == [(64, 25)] * 3
     assert layout_of(SMALL, world3) == [(128, 50), (64, 25)]

@@ -11,12 +11,13 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
+from conftest import chunk_counts
 
 from avlens.organism.card import accuracy_table, follows_table
 from avlens.organism.data import LETTERS_V2, WORLD, make_world, world_dir
 from avlens.organism.evaluate import SkillItems, answer, records, summary, world_items
 from avlens.organism.model import VOCABULARY_V2_LETTERS, OrganismConfig, new_organism
-from avlens.organism.recipes import Pipeline, Setup
+from avlens.organism.recipes import V2_WORLD, Pipeline, Setup
 from avlens.organism.world import CLASSES
 
 SMALL = OrganismConfig(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vision_depth=1, audio_layers=1)
@@ -151,13 +152,12 @@ def test_a_v2_setup_trains_its_skills_in_the_chunked_layout_and_asks_them(tmp_pa
     from avlens.organism.recipes import RECIPES
     from avlens.organism.train import STAGE0_AUDIO, STAGE0_TEXT, STAGE0_VISION, STAGE1, stage2
 
-    world = replace(WORLD, duration=3.0, onset=(0.5, 2.0))
     skills = {"which": 0.3, "choice": 0.3, "options": (2, 8), "letters": LETTERS_V2}
     setup = Setup(
         train_clips=12,
         test_clips=12,
         model=replace(SMALL, seconds_per_chunk=1),
-        world=world,
+        world=V2_WORLD,
         vocabulary=VOCABULARY_V2_LETTERS,
         stage0_text=replace(STAGE0_TEXT, steps=2, batch=8),
         stage0_audio=replace(STAGE0_AUDIO, steps=1),
@@ -210,9 +210,7 @@ def test_the_v2_setup_interleaves_three_chunks_with_a_late_sound(tmp_path):
     assert all(lo <= r["audio_onset"] <= hi for r in lines)
     video = str(manifest.parent / lines[0]["video"])
     layout = adapter.prepare([avlens.Sample("what do you hear?", clips=[Clip(video=video)])]).layout
-    chunks = sorted((n for n in layout.names if n.startswith("chunk")), key=lambda n: int(n[5:]))
-    counts = [(int(layout.mask(f"{c}&video").sum()), int(layout.mask(f"{c}&audio").sum())) for c in chunks]
-    assert counts == [(64, 25)] * 3
+    assert chunk_counts(layout) == [(64, 25)] * 3
     from avlens.organism.card import _layout
 
     assert "chunks of 1 s, each 64 video tokens and 25 audio tokens" in _layout(asdict(config))  # (MODEL.md's words)

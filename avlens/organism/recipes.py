@@ -84,6 +84,13 @@ class Setup:
     skill_items: SkillItems | None = None
     """The organism-v2 skill questions of the held-out evaluation (none by default: v1's questions only)."""
 
+    def stage2(self, stage: Stage) -> Stage:
+        """A recipe's stage 2 as this setup trains it: its seed, and the setup's skills in its mixture."""
+        mixture = stage.mixture
+        if self.skills:
+            mixture = SkillMixture(**{**asdict(mixture), **self.skills})
+        return replace(stage, seed=self.seed, mixture=mixture)
+
 
 V2_WORLD = replace(WORLD, duration=3.0, onset=(0.5, 2.0))
 """The v2 world: 3 s clips (three 1 s chunks), each clip's sound starting 0.5-2 s in (background noise before)."""
@@ -263,13 +270,7 @@ class Pipeline:
         return not (self._stage_dir(stage, _key(self._base_key, stage)) / "organism.json").exists()
 
     def _stage2(self, stage: Stage | None) -> Stage | None:
-        """A recipe's stage 2 as this setup trains it: its seed, and the setup's skills in its mixture."""
-        if stage is None:
-            return None
-        mixture = stage.mixture
-        if self.setup.skills:
-            mixture = SkillMixture(**{**asdict(mixture), **self.setup.skills})
-        return replace(stage, seed=self.setup.seed, mixture=mixture)
+        return None if stage is None else self.setup.stage2(stage)
 
     def _stage_dir(self, stage: Stage, key: str) -> Path:
         """Where a stage trained after everything ``key`` stands for is kept."""
