@@ -339,9 +339,10 @@ def reproduce(
 
 
 def _organism_data(root: Path, n_clips: int, seed: int, progress: Progress | None) -> Path:
-    """A held-out organism world and its counterfactual variants (written once; deterministic)."""
+    """A held-out world of the shipped organism checkpoints (the world they were trained on, another seed) and its
+    counterfactual variants (written once; deterministic)."""
     from .data import counterfactual
-    from .organism.data import WORLD
+    from .organism.checkpoints import shipped_world
     from .organism.world import LABEL_GROUPS, write_world
 
     world, cf = root / "world", root / "counterfactual"
@@ -351,7 +352,7 @@ def _organism_data(root: Path, n_clips: int, seed: int, progress: Progress | Non
             world,
             n_clips,
             7000 + seed,
-            cfg=WORLD,
+            cfg=shipped_world(),
             swapped_share=0.0,
             progress=(lambda i: say("world")(i, n_clips)) if progress else None,
         )

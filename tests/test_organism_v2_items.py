@@ -143,17 +143,12 @@ def test_the_world_is_a_setting_of_the_setup(tmp_path):
     assert manifest.parent == world_dir(12, 0, 0.0, tmp_path, three)
 
 
-def test_a_v2_setup_trains_its_skills_in_the_chunked_layout_and_asks_them(tmp_path):
-    """A setup with the v2 vocabulary, 3 s clips at 1 s chunks and skill shares: its stage 2 draws which-of-N and
-    lettered examples (and v1's default setup keeps a plain stage 2), a 3-clip training batch equals what
-    ``prepare`` builds, and the held-out evaluation asks the skill questions."""
-    from avlens.organism.data import Batcher, ExampleSampler, SkillMixture, load_bank
-    from avlens.organism.evaluate import evaluate_world
-    from avlens.organism.recipes import RECIPES
-    from avlens.organism.train import STAGE0_AUDIO, STAGE0_TEXT, STAGE0_VISION, STAGE1, stage2
+def _tiny_v2_setup() -> Setup:
+    """A v2 setup (its vocabulary, 3 s clips with late sounds at 1 s chunks, skill shares) small enough to train
+    in seconds."""
+    from avlens.organism.train import STAGE0_AUDIO, STAGE0_TEXT, STAGE0_VISION, STAGE1
 
-    skills = {"which": 0.3, "choice": 0.3, "options": (2, 8), "letters": LETTERS_V2}
-    setup = Setup(
+    return Setup(
         train_clips=12,
         test_clips=12,
         model=replace(SMALL, seconds_per_chunk=1),
@@ -163,9 +158,47 @@ def test_a_v2_setup_trains_its_skills_in_the_chunked_layout_and_asks_them(tmp_pa
         stage0_audio=replace(STAGE0_AUDIO, steps=1),
         stage0_vision=replace(STAGE0_VISION, steps=1),
         stage1=replace(STAGE1, steps=2, batch=8),
-        skills=skills,
+        skills={"which": 0.3, "choice": 0.3, "options": (2, 8), "letters": LETTERS_V2},
         skill_items=SkillItems(per_row=2, options=(4, 8)),
     )
+
+
+def test_a_trained_checkpoint_records_its_world_and_the_shipped_world_is_read_from_them(tmp_path, monkeypatch):
+    """train() records the setup's world in organism.json; shipped_world() (the world reproduce draws its held-out
+    clips from) is that world, v1's WORLD for checkpoints that record none, and refused when they disagree."""
+    import shutil
+
+    from avlens.errors import ModelNotFoundError
+    from avlens.organism import checkpoints
+    from avlens.organism.recipes import train
+
+    directory = train("vl-base", tmp_path / "runs", setup=_tiny_v2_setup(), world_root=tmp_path / "worlds")
+    assert json.loads((directory / "organism.json").read_text())["world"] == json.loads(json.dumps(asdict(V2_WORLD)))
+    here = tmp_path / "package"
+    for name in checkpoints.SHIPPED:
+        shutil.copytree(directory, here / name)
+    monkeypatch.setattr(checkpoints, "HERE", here)
+    assert checkpoints.shipped_world() == V2_WORLD
+    card = here / checkpoints.DEFAULT / "organism.json"
+    card.write_text(json.dumps({k: v for k, v in json.loads(card.read_text()).items() if k != "world"}))
+    with pytest.raises(ModelNotFoundError, match="different worlds"):
+        checkpoints.shipped_world()
+    for name in checkpoints.SHIPPED:
+        card = here / name / "organism.json"
+        card.write_text(json.dumps({k: v for k, v in json.loads(card.read_text()).items() if k != "world"}))
+    assert checkpoints.shipped_world() == WORLD
+
+
+def test_a_v2_setup_trains_its_skills_in_the_chunked_layout_and_asks_them(tmp_path):
+    """A setup with the v2 vocabulary, 3 s clips at 1 s chunks and skill shares: its stage 2 draws which-of-N and
+    lettered examples (and v1's default setup keeps a plain stage 2), a 3-clip training batch equals what
+    ``prepare`` builds, and the held-out evaluation asks the skill questions."""
+    from avlens.organism.data import Batcher, ExampleSampler, SkillMixture, load_bank
+    from avlens.organism.evaluate import evaluate_world
+    from avlens.organism.recipes import RECIPES
+    from avlens.organism.train import stage2
+
+    setup = _tiny_v2_setup()
     pipe = Pipeline(tmp_path, setup, None, tmp_path)
     assert type(Pipeline(tmp_path, Setup())._stage2(RECIPES["av-balanced"].stage2).mixture).__name__ == "Mixture"
     stage = pipe._stage2(stage2(steps=3, trainable="audio+lm-full", unimodal=0.1, swapped=0.3))

@@ -308,6 +308,7 @@ def train(
         description=RECIPES[name].description,
         knobs=RECIPES[name].knobs,
         seed=setup.seed,
+        world=asdict(setup.world),
         stages=[
             {"stage": log["stage"], "steps": len(log["loss"]), "seconds": log["seconds"], "final_loss": log["loss"][-1]}
             for log in logs
@@ -390,7 +391,6 @@ def sweep(
     for n, point in enumerate(points):
         if any(all(r.get(k) == v for k, v in point.items()) for r in rows):
             continue
-        t0 = time.perf_counter()
         adapter, directory, logs = pipe.recipe("sweep", stage2(**point))
         batcher = Batcher(adapter, test_bank)
         df = evaluate_bank(adapter, batcher, bank_examples(test_bank, seed=setup.seed))
@@ -398,5 +398,4 @@ def sweep(
         rows.append({**point, **s, "stage2_seconds": logs[-1]["seconds"], "checkpoint": directory.name})
         pd.DataFrame(rows).to_parquet(path)
         pipe._say("sweep", n + 1, len(points), None)
-        del t0
     return pd.DataFrame(rows)
