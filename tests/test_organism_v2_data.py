@@ -390,3 +390,24 @@ def test_media_which_needs_audio():
         SkillMixture(audio=False, which=0.1)
     with pytest.raises(ValueError, match="summing"):
         SkillMixture(which=0.6, choice=0.6)
+
+
+def test_text_replay_draws_text_examples_of_the_text_stage_kinds_in_a_media_stage(bank):
+    """A media stage with text_replay draws that share of text examples, of the text skills' shares (which-clip,
+    lettered choice, the plain text kinds), the rest as without replay would (media examples only); 0 draws
+    exactly what it drew before."""
+    assert _rows(ExampleSampler(bank, SkillMixture(choice=0.2, text_replay=0.0), 3), 60) == _rows(
+        ExampleSampler(bank, SkillMixture(choice=0.2), 3), 60
+    )
+    mix = SkillMixture(audio=False, unimodal=0.0, multi=0.0, choice=0.2, text_replay=0.3, text_which=0.5)
+    sampler = ExampleSampler(bank, mix, 5)
+    drawn = [sampler.draw() for _ in range(4000)]
+    text = [e for e in drawn if e.kind.startswith("text-")]
+    assert all(e.video is None and e.audio is None and not e.clips for e in text)
+    assert abs(len(text) / len(drawn) - 0.3) < 0.03
+    which = sum(e.kind.startswith("text-which") for e in text) / len(text)
+    assert abs(which - 0.5) < 0.05
+    media = [e for e in drawn if not e.kind.startswith("text-")]
+    assert all(e.video is not None and e.audio is None for e in media)  # the vision-language stage: video only
+    with pytest.raises(ValueError, match="text_replay"):
+        SkillMixture(text_replay=1.5)

@@ -247,6 +247,9 @@ class SkillMixture(Mixture):
             has the sound of X or shows X (:meth:`ExampleSampler.media_which`).
         choice: share of media examples asking a see or hear question about one clip with lettered options
             (:meth:`ExampleSampler.media_choice`), N in ``options``.
+        text_replay: in a stage with media (``text`` False), the share of examples that are text examples of
+            the text stage's kinds (``text_which``, ``text_choice``, ``text_lookup`` as there): replay, so that
+            the media stages do not overwrite what the text stage taught. 0: no text example, nothing more drawn.
     """
 
     text_which: float = 0.0
@@ -258,8 +261,11 @@ class SkillMixture(Mixture):
     letters: tuple[str, ...] = LETTERS
     which: float = 0.0
     choice: float = 0.0
+    text_replay: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.text_replay <= 1:
+            raise ValueError(f"text_replay must be a share in [0, 1], got {self.text_replay}")
         lo, hi = self.which_clips
         if not 2 <= lo <= hi <= 3:
             raise ValueError(f"which_clips must be within 2..3, got {self.which_clips}")
@@ -298,6 +304,9 @@ class ExampleSampler:
         m, r = self.mix, self.rng.random()
         self.draws += 1
         if m.text:
+            return self._text()
+        replay = getattr(m, "text_replay", 0.0)
+        if replay and self.rng.random() < replay:  # (one more number drawn only with replay)
             return self._text()
         which, choice = getattr(m, "which", 0.0), getattr(m, "choice", 0.0)
         if which or choice:  # a SkillMixture with media skills draws one more number (none without them)
