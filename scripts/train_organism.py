@@ -87,24 +87,24 @@ def main() -> None:
         print(f"shipped into {HERE}")
 
 
+def print_progress(task: str, done: int, total: int, loss: float | None = None) -> None:
+    """A pipeline's progress as log lines: every 50th step and the last, with the time and the loss."""
+    if done == total or done % 50 == 0:
+        print(f"{time.strftime('%H:%M:%S')} {task} {done}/{total}" + (f" loss {loss:.3f}" if loss else ""), flush=True)
+
+
 def _train_and_evaluate(out: Path, setup: Setup) -> None:
     """Train the three checkpoints into OUT, timing the whole job, and evaluate each (eval.parquet)."""
 
-    def progress(task: str, done: int, total: int, loss: float | None = None) -> None:
-        if done == total or done % 50 == 0:
-            print(
-                f"{time.strftime('%H:%M:%S')} {task} {done}/{total}" + (f" loss {loss:.3f}" if loss else ""), flush=True
-            )
-
     worlds = out / "worlds"
-    world_seconds = _write_training_world(out, setup, progress)
+    world_seconds = _write_training_world(out, setup, print_progress)
     t0 = time.perf_counter()
-    trained = {BASE: train(BASE, out, setup=setup, progress=progress, world_root=worlds)}
+    trained = {BASE: train(BASE, out, setup=setup, progress=print_progress, world_root=worlds)}
     base_seconds = time.perf_counter() - t0
     # The audio-visual recipes share the base and differ only in stage 2: they train side by side, one core
     # each (two one-thread runs use two cores better than one two-thread run after the other does). Every
     # checkpoint they start from is loaded first, here: loading must not run beside training (load_base).
-    pipes = {name: Pipeline(out, setup, progress, worlds) for name in SHIPPED if name != BASE}
+    pipes = {name: Pipeline(out, setup, print_progress, worlds) for name in SHIPPED if name != BASE}
     side_by_side = all([pipe.load_base(name) for name, pipe in pipes.items()])
     threads = torch.get_num_threads()
     share = max(1, threads // len(pipes)) if side_by_side else threads
