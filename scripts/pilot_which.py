@@ -32,14 +32,15 @@ from avlens.organism.world import write_world
 
 
 def curve_point(adapter, qs: list[dict]) -> dict:
-    """Accuracy, the share answering "1", and per layer the most selective head's attention to the clip with X
-    minus its mean attention to each other clip."""
+    """Accuracy (of all questions, of the sound ones, of the picture ones), the share answering "1", and per
+    layer the most selective head's attention to the clip with X minus its mean attention to each other clip."""
     was_training = adapter.model.training
     adapter.model.eval()
     m = measure(adapter, qs)
     if was_training:
         adapter.model.train()
     target = np.array([q["target"] for q in qs])
+    hear = np.array([q["hear"] for q in qs])
     a = m["attn"]  # (Q, layers, H, N)
     onehot = np.eye(a.shape[-1])[target].astype(bool)  # (Q, N)
     to_target = np.where(onehot[:, None, None, :], a, 0).sum(-1)  # (Q, layers, H)
@@ -47,6 +48,10 @@ def curve_point(adapter, qs: list[dict]) -> dict:
     select = (to_target - to_other).mean(0)  # (layers, H)
     return {
         "accuracy": round(float((m["chosen"] == target).mean()), 3),
+        **{
+            f"accuracy_{kind}": round(float((m["chosen"] == target)[hear == (kind == "hear")].mean()), 3)
+            for kind in ("hear", "see")
+        },
         "answers_1": round(float((m["chosen"] == 0).mean()), 3),
         "selectivity": [round(float(v), 3) for v in select.max(1)],
     }
