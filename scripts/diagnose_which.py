@@ -41,7 +41,7 @@ from avlens.models.base import Clip, Sample
 from avlens.organism.checkpoints import shipped_world
 from avlens.organism.data import WHICH_HEAR, WHICH_SEE, article
 from avlens.organism.recipes import V2_WORLD
-from avlens.organism.world import write_world
+from avlens.organism.world import WorldConfig, write_world
 from avlens.trace import Capture, run
 
 
@@ -129,14 +129,39 @@ def report(qs: list[dict], m: dict) -> dict:
             out["probe_index"][where].append(round(probe(x, index), 3))
             out["probe_class"][where].append(round(probe(x, classes.reshape(-1)), 3))
         out["probe_target"].append(round(probe(m["lasts"][:, layer], target), 3))
-    onehot = np.eye(n_clips)[target].astype(bool)  # (Q, N)
+    to_target, to_others = target_attention(m["attn"], target)  # (Q, layers, H) each
     for layer in range(m["attn"].shape[1]):
-        a = m["attn"][:, layer]  # (Q, H, N)
-        to_target = a[:, :, :][onehot[:, None, :].repeat(a.shape[1], 1)].reshape(n_q, -1)  # (Q, H)
-        to_others = (a.sum(-1) - to_target) / (n_clips - 1)
-        out["attention"]["to_target"].append([round(float(v), 4) for v in to_target.mean(0)])
-        out["attention"]["to_others"].append([round(float(v), 4) for v in to_others.mean(0)])
+        out["attention"]["to_target"].append([round(float(v), 4) for v in to_target[:, layer].mean(0)])
+        out["attention"]["to_others"].append([round(float(v), 4) for v in to_others[:, layer].mean(0)])
     return out
+
+
+def target_attention(attn: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From ``attn`` (Q, layers, H, N), the attention mass of the last position to clips, and ``target`` (Q,), the
+    index of the clip with X: its mass to that clip and its mean mass to each other clip, both (Q, layers, H)."""
+    onehot = np.eye(attn.shape[-1])[target].astype(bool)  # (Q, N)
+    to_target = np.where(onehot[:, None, None, :], attn, 0).sum(-1)
+    to_others = (attn.sum(-1) - to_target) / (attn.shape[-1] - 1)
+    return to_target, to_others
+
+
+def world_config(v2: bool) -> WorldConfig:
+    """The world of the checkpoint studied: v2's (3 s clips, late sounds) or the shipped checkpoints'."""
+    return V2_WORLD if v2 else shipped_world()
+
+
+def held_out(directory: Path, clips: int, seed: int, world: WorldConfig) -> Path:
+    """A held-out world of ``clips`` clips written under ``directory``; its manifest."""
+    return write_world(directory / "world", clips, seed=seed, cfg=world, workers=1)
+
+
+def emit(record: dict, out: Path | None) -> None:
+    """Print ``record`` as one JSON line, and write it to ``out`` if given."""
+    text = json.dumps(record)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 def main() -> None:
@@ -152,15 +177,10 @@ def main() -> None:
     torch.manual_seed(0)
     adapter = load(args.model)
     with tempfile.TemporaryDirectory() as tmp:
-        world = V2_WORLD if args.v2 else shipped_world()
-        manifest = write_world(Path(tmp) / "world", args.world_clips, seed=args.seed, cfg=world, workers=1)
+        manifest = held_out(Path(tmp), args.world_clips, args.seed, world_config(args.v2))
         qs = questions(manifest, args.clips, args.n, args.seed)
         result = {"model": args.model, "world_seed": args.seed, **report(qs, measure(adapter, qs))}
-    text = json.dumps(result)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from diagnose_which import measure, questions  # (scripts/ is on the path of a script run from it)
+from diagnose_which import emit, held_out, measure, questions, target_attention, world_config  # (scripts/ on the path)
 
 from avlens import load
-from avlens.organism.checkpoints import shipped_world
 from avlens.organism.data import Mixture, SkillMixture, load_bank, make_world
-from avlens.organism.recipes import V2_WORLD
 from avlens.organism.train import Stage, train_stage
-from avlens.organism.world import write_world
 
 
 def curve_point(adapter, qs: list[dict]) -> dict:
@@ -41,11 +38,8 @@ def curve_point(adapter, qs: list[dict]) -> dict:
         adapter.model.train()
     target = np.array([q["target"] for q in qs])
     hear = np.array([q["hear"] for q in qs])
-    a = m["attn"]  # (Q, layers, H, N)
-    onehot = np.eye(a.shape[-1])[target].astype(bool)  # (Q, N)
-    to_target = np.where(onehot[:, None, None, :], a, 0).sum(-1)  # (Q, layers, H)
-    to_other = (a.sum(-1) - to_target) / (a.shape[-1] - 1)  # (mean over the other clips)
-    select = (to_target - to_other).mean(0)  # (layers, H)
+    to_target, to_others = target_attention(m["attn"], target)  # (Q, layers, H) each
+    select = (to_target - to_others).mean(0)  # (layers, H)
     return {
         "accuracy": round(float((m["chosen"] == target).mean()), 3),
         **{
@@ -79,7 +73,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     adapter = load(args.model)
-    world = V2_WORLD if args.v2 else shipped_world()
+    world = world_config(args.v2)
     bank = load_bank(make_world(args.train_clips, 0, world=world))
     mixture = Mixture(audio=True, unimodal=0.0, swapped=0.0, multi=1.0)
     if args.skill:
@@ -87,7 +81,7 @@ def main() -> None:
     stage = Stage("which-pilot", args.steps, {"audio": 1.0, "lm": 1.0}, mixture, lr=args.lr, batch=args.batch)
     curve = []
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = write_world(Path(tmp) / "world", 60, seed=4343, cfg=world, workers=1)
+        manifest = held_out(Path(tmp), 60, 4343, world)
         qs = questions(manifest, args.eval_clips, args.eval, 4343)
         curve.append({"step": 0, **curve_point(adapter, qs)})
         print(json.dumps(curve[-1]), file=sys.stderr, flush=True)
@@ -101,11 +95,7 @@ def main() -> None:
 
         train_stage(adapter, bank, stage, progress=progress)
     record = {"model": args.model, "stage": {**vars(args), "out": None}, "eval_world_seed": 4343, "curve": curve}
-    text = json.dumps(record)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(record, args.out)
 
 
 if __name__ == "__main__":
